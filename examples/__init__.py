@@ -1,0 +1,1 @@
+"""Runnable training jobs with the monitor attached, installed as ``contrasim_monitor.examples``."""
