@@ -1,0 +1,347 @@
+"""Capture pooled layer activations with forward hooks.
+
+Hooks exist only for the duration of one capture: they are registered when a capture starts and removed in a
+``finally`` block, so no handle stays on the model between captures, after training, or after an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EMBEDDINGS",
+    "POOLING_METHODS",
+    "CaptureError",
+    "LayerSpec",
+    "capture_activations",
+    "pool_tokens",
+    "resolve_layers",
+    "unwrap_model",
+]
+
+#: Name of the pseudo-layer "input of the first transformer block", which is the embeddings output.
+EMBEDDINGS = "embeddings"
+POOLING_METHODS = ("mean", "first", "last")
+
+
+class CaptureError(RuntimeError):
+    """A capture collected no activations, or more than one per module and forward pass."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A hooked layer: the name used in logs, the module, and whether its input or output is captured."""
+
+    name: str
+    module: nn.Module
+    capture_input: bool = False
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the user's module inside DDP, DataParallel, FSDP or ``torch.compile`` wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif _is_parallel_wrapper(model):
+            model = model.module
+    return model
+
+
+def _is_parallel_wrapper(model: nn.Module) -> bool:
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return True
+    # FSDP (version 1) is matched by name so that torch.distributed.fsdp is not imported where it is unused.
+    return type(model).__name__ == "FullyShardedDataParallel" and isinstance(getattr(model, "module", None), nn.Module)
+
+
+def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """Find the transformer blocks: the longest ModuleList of same-class children that have parameters."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        classes = {type(child) for child in module}
+        if len(classes) != 1 or not any(True for _ in module[0].parameters()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    return best
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list[LayerSpec]:
+    """Resolve layer names and glob patterns to modules, or choose the transformer blocks automatically.
+
+    Args:
+        model: The model, possibly wrapped (wrappers are removed first).
+        layers: Module names as in ``model.named_modules()`` or glob patterns such as ``"bert.encoder.layer.*"``
+            (see :func:`match_module_name`). The name ``"embeddings"`` selects the input of the first transformer
+            block. ``None`` selects ``"embeddings"`` followed by every transformer block.
+
+    Returns:
+        The layers in model order (automatic choice) or in the order the patterns were given.
+
+    Raises:
+        ValueError: If a name or pattern matches no module, or no transformer blocks are found for the
+            automatic choice.
+    """
+    model = unwrap_model(model)
+    blocks = _find_block_list(model)
+
+    if layers is None:
+        if blocks is None:
+            raise ValueError(
+                f"Could not choose layers automatically: {type(model).__name__} has no nn.ModuleList of "
+                "repeated blocks. Pass `layers=` with module names or glob patterns, for example "
+                f"{_example_names(model)}."
+            )
+        prefix, block_list = blocks
+        specs = [LayerSpec(EMBEDDINGS, block_list[0], capture_input=True)]
+        specs += [LayerSpec(f"{prefix}.{i}", block) for i, block in enumerate(block_list)]
+        return specs
+
+    if isinstance(layers, str):
+        layers = [layers]
+    if len(layers) == 0:
+        raise ValueError(
+            "`layers` is empty: pass at least one module name or pattern, or None to choose automatically."
+        )
+
+    named = dict(model.named_modules())
+    named.pop("", None)
+    specs: list[LayerSpec] = []
+    selected_names: set[str] = set()
+    for pattern in layers:
+        if not isinstance(pattern, str):
+            raise TypeError(f"`layers` must contain module names as strings, got {type(pattern).__name__} {pattern!r}.")
+        if pattern == EMBEDDINGS and EMBEDDINGS not in named:
+            if blocks is None:
+                raise ValueError(
+                    f"Layer {EMBEDDINGS!r} means the input of the first transformer block, but "
+                    f"{type(model).__name__} has no list of repeated blocks."
+                )
+            matches = [EMBEDDINGS]
+        else:
+            matches = [name for name in named if match_module_name(pattern, name)]
+        if not matches:
+            close = difflib.get_close_matches(pattern, list(named), n=5, cutoff=0.5)
+            hint = f" Close matches: {close}." if close else f" Some module names: {_example_names(model)}."
+            raise ValueError(f"Layer name or pattern {pattern!r} matches no module of {type(model).__name__}.{hint}")
+        for name in matches:
+            if name in selected_names:
+                continue
+            selected_names.add(name)
+            if name == EMBEDDINGS and EMBEDDINGS not in named:
+                specs.append(LayerSpec(EMBEDDINGS, blocks[1][0], capture_input=True))
+            else:
+                specs.append(LayerSpec(name, named[name]))
+    return specs
+
+
+def match_module_name(pattern: str, name: str) -> bool:
+    """Match a dotted module name against a glob pattern, one dotted part at a time.
+
+    ``*``, ``?`` and ``[...]`` match within one part, as in ``fnmatch``. So ``encoder.layer.*`` matches
+    ``encoder.layer.3`` but not ``encoder.layer.3.attention``. A part that is exactly ``**`` matches any number
+    of parts, including none.
+    """
+    return _match_parts(pattern.split("."), name.split("."))
+
+
+def _match_parts(pattern: list[str], name: list[str]) -> bool:
+    if not pattern:
+        return not name
+    if pattern[0] == "**":
+        return any(_match_parts(pattern[1:], name[start:]) for start in range(len(name) + 1))
+    return bool(name) and fnmatch.fnmatchcase(name[0], pattern[0]) and _match_parts(pattern[1:], name[1:])
+
+
+def _example_names(model: nn.Module, limit: int = 6) -> list[str]:
+    names = [name for name, _ in model.named_modules() if name]
+    step = max(1, len(names) // limit)
+    return names[::step][:limit]
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """Take the hidden states from a module's output: a tensor, a tuple (element 0) or a ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):  # transformers' ModelOutput is an OrderedDict
+        for value in output.values():
+            if isinstance(value, torch.Tensor):
+                return value
+        raise CaptureError(f"Module output of type {type(output).__name__} contains no tensor.")
+    if isinstance(output, (tuple, list)) and output:
+        return _first_tensor(output[0])
+    raise CaptureError(f"Cannot take activations from a module output of type {type(output).__name__}.")
+
+
+def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None, method: str = "mean") -> torch.Tensor:
+    """Pool token activations to one vector per example, in float32.
+
+    Args:
+        hidden: Activations of shape ``(N, T, D)``, or ``(N, D)`` which is returned as it is (in float32).
+        attention_mask: ``(N, T)`` with 1 for real tokens and 0 for padding, or None when there is no padding.
+        method: ``"mean"`` over non-padding tokens, ``"first"`` token, or ``"last"`` non-padding token (works
+            for left and right padding).
+
+    Returns:
+        Pooled activations of shape ``(N, D)``.
+    """
+    if hidden.dim() == 2:
+        return hidden.float()
+    if hidden.dim() != 3:
+        raise CaptureError(
+            f"Expected activations of shape (examples, tokens, width) or (examples, width), got {tuple(hidden.shape)}."
+        )
+    if attention_mask is not None and attention_mask.shape != hidden.shape[:2]:
+        raise CaptureError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not match activations of shape "
+            f"{tuple(hidden.shape)}; the layer's output is not (examples, tokens, width) for this batch."
+        )
+    hidden = hidden.float()
+    if method == "first":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(dim=1) if method == "mean" else hidden[:, -1]
+    mask = attention_mask.to(device=hidden.device, dtype=hidden.dtype)
+    if method == "mean":
+        counts = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return (hidden * mask.unsqueeze(-1)).sum(dim=1) / counts
+    if method == "last":
+        positions = torch.arange(mask.shape[1], device=hidden.device, dtype=hidden.dtype)
+        last = (mask * (positions + 1)).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"`pooling` must be one of {POOLING_METHODS}, got {method!r}.")
+
+
+class _Recorder:
+    """Per-capture hook state: the pooled activations of each layer and the call count for the current batch."""
+
+    def __init__(self, specs: Sequence[LayerSpec], pooling: str) -> None:
+        self.specs = specs
+        self.pooling = pooling
+        self.attention_mask: torch.Tensor | None = None
+        self.pooled: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in specs}
+        self.calls: dict[str, int] = {spec.name: 0 for spec in specs}
+
+    def output_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self._record(name, output)
+
+        return hook
+
+    def input_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if args:
+                self._record(name, args[0])
+            else:
+                self._record(name, next(iter(kwargs.values())))
+
+        return hook
+
+    def _record(self, name: str, output: Any) -> None:
+        self.calls[name] += 1
+        hidden = _first_tensor(output).detach()
+        self.pooled[name].append(pool_tokens(hidden, self.attention_mask, self.pooling))
+
+    def check_batch(self, batch_index: int) -> None:
+        for name, count in self.calls.items():
+            if count == 0:
+                raise CaptureError(
+                    f"Layer {name!r} produced no activations in probe batch {batch_index}: its forward hook did "
+                    "not run. This happens when the module is not used in forward, when a compiled or fused fast "
+                    "path skips Python hooks, or when the hook was registered on a copy of the module."
+                )
+            if count > 1:
+                raise CaptureError(
+                    f"Layer {name!r} ran {count} times in one forward pass of probe batch {batch_index}; a module "
+                    "that is called several times per forward has no single representation to compare. Hook a "
+                    "module that runs once."
+                )
+            self.calls[name] = 0
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: nn.Module):
+    """Put the model in eval mode under no_grad, leaving its train/eval mode and the RNG state as they were."""
+    was_training = model.training
+    devices = [device.index for device in {p.device for p in model.parameters()} if device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+
+def capture_activations(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    layers: Sequence[LayerSpec],
+    pooling: str = "mean",
+) -> dict[str, torch.Tensor]:
+    """Run the probe batches through the model and return each layer's pooled activations.
+
+    The model runs in eval mode under ``torch.no_grad()``. Its previous mode and the RNG state of the training
+    run are restored afterwards, and every hook is removed, also when the forward pass raises.
+
+    Args:
+        model: The model, possibly wrapped; the forward pass goes through the unwrapped module so that no
+            wrapper synchronises across processes.
+        batches: Keyword-argument dicts for ``model(**batch)``; an ``attention_mask`` entry marks padding.
+        layers: The layers to hook, from :func:`resolve_layers`.
+        pooling: One of :data:`POOLING_METHODS`.
+
+    Returns:
+        A dict from layer name to pooled activations of shape ``(N, D)`` in float32, on the model's device.
+
+    Raises:
+        CaptureError: If a layer collected nothing or ran more than once in one forward pass.
+    """
+    if pooling not in POOLING_METHODS:
+        raise ValueError(f"`pooling` must be one of {POOLING_METHODS}, got {pooling!r}.")
+    module = unwrap_model(model)
+    device = _model_device(module)
+    recorder = _Recorder(layers, pooling)
+    handles = []
+    try:
+        for spec in layers:
+            if spec.capture_input:
+                handles.append(spec.module.register_forward_pre_hook(recorder.input_hook(spec.name), with_kwargs=True))
+            else:
+                handles.append(spec.module.register_forward_hook(recorder.output_hook(spec.name)))
+        with _eval_no_grad(module):
+            for batch_index, batch in enumerate(batches):
+                batch = _to_device(batch, device)
+                recorder.attention_mask = batch.get("attention_mask")
+                module(**batch)
+                recorder.check_batch(batch_index)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not any(recorder.pooled.values()):
+        raise CaptureError("The probe set produced no batches, so no activations were captured.")
+    return {name: torch.cat(chunks) for name, chunks in recorder.pooled.items()}
