@@ -1,0 +1,271 @@
+"""The similarity tracker: turns each capture's activations into cross-layer and cross-checkpoint similarities.
+
+It keeps the activations of the initial and the previous capture, and is free of I/O and of any training
+framework: the Trainer callback and the Accelerate monitor feed it and hand its results to the sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .contrasim import ContraSimConfig, contrasim_pairs
+from .measures import linear_cka, linear_cka_matrix
+from .result import CaptureResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MEASURES", "MIN_HELD_OUT_EXAMPLES", "MIN_TRAIN_EXAMPLES", "SimilarityTracker"]
+
+MEASURES = ("contrasim", "cka")
+#: The smallest ContraSim split that gives a score worth logging: the contrastive loss needs enough
+#: negatives, and the held-out mean cosine needs enough examples to be stable to about +-0.02.
+MIN_TRAIN_EXAMPLES = 32
+MIN_HELD_OUT_EXAMPLES = 16
+
+
+def validate_measures(measures: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(measures, str):
+        measures = (measures,)
+    measures = tuple(measures)
+    if not measures:
+        raise ValueError(f"`measures` is empty; choose one or more of {MEASURES}.")
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown:
+        raise ValueError(f"Unknown measure(s) {unknown} in `measures`; choose from {MEASURES}.")
+    return measures
+
+
+def split_probe(num_examples: int, held_out_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split probe example indices into ContraSim training and held-out parts, the same at every capture.
+
+    Raises:
+        ValueError: If either part is smaller than the minimum ContraSim needs.
+    """
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"`held_out_fraction` must be strictly between 0 and 1, got {held_out_fraction!r}.")
+    num_held_out = int(round(num_examples * held_out_fraction))
+    num_train = num_examples - num_held_out
+    if num_train < MIN_TRAIN_EXAMPLES or num_held_out < MIN_HELD_OUT_EXAMPLES:
+        needed = max(
+            int(np.ceil(MIN_HELD_OUT_EXAMPLES / held_out_fraction)),
+            int(np.ceil(MIN_TRAIN_EXAMPLES / (1.0 - held_out_fraction))),
+        )
+        raise ValueError(
+            f"The probe set has {num_examples} examples, which splits into {num_train} ContraSim training and "
+            f"{num_held_out} held-out examples; ContraSim needs at least {MIN_TRAIN_EXAMPLES} and "
+            f"{MIN_HELD_OUT_EXAMPLES}. Use a probe set of at least {needed} examples with "
+            f"held_out_fraction={held_out_fraction}."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(num_examples, generator=generator)
+    return order[num_held_out:].sort().values, order[:num_held_out].sort().values
+
+
+@dataclass
+class _Snapshot:
+    """One capture's activations, with a flag per layer: finite and not constant."""
+
+    step: int
+    tensors: list[torch.Tensor]
+    usable: list[bool]
+
+    def comparable(self, other: _Snapshot) -> list[bool]:
+        return [a and b for a, b in zip(self.usable, other.usable)]
+
+
+class SimilarityTracker:
+    """Compute similarities at each capture against the initial and the previous capture.
+
+    Args:
+        measures: Any of ``"contrasim"`` and ``"cka"`` (linear CKA, biased estimator).
+        contrasim: ContraSim hyperparameters; the published values by default.
+        held_out_fraction: Fraction of the probe examples held out to score ContraSim heads; the rest trains them.
+        seed: Seed of the probe split.
+    """
+
+    def __init__(
+        self,
+        measures: Sequence[str] = MEASURES,
+        contrasim: ContraSimConfig | None = None,
+        held_out_fraction: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        self.measures = validate_measures(measures)
+        if contrasim is not None and not isinstance(contrasim, ContraSimConfig):
+            raise TypeError(f"`contrasim` must be a ContraSimConfig or None, got {type(contrasim).__name__}.")
+        self.contrasim_config = contrasim or ContraSimConfig()
+        if not isinstance(held_out_fraction, float) or not 0.0 < held_out_fraction < 1.0:
+            raise ValueError(
+                f"`held_out_fraction` must be a float strictly between 0 and 1, got {held_out_fraction!r}."
+            )
+        self.held_out_fraction = held_out_fraction
+        self.seed = seed
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every capture, so that the next one becomes the initial capture."""
+        self.layers: list[str] | None = None
+        self.initial: _Snapshot | None = None
+        self.previous: _Snapshot | None = None
+        self.history_steps: list[int] = []
+        self.vs_init_history: dict[str, list[np.ndarray]] = {m: [] for m in self.measures}
+        self._train_index: torch.Tensor | None = None
+        self._test_index: torch.Tensor | None = None
+        self._reported_unusable: set[str] = set()
+
+    def check_probe_size(self, num_examples: int) -> None:
+        """Raise a ValueError now if ``num_examples`` is too few for the ContraSim split."""
+        if "contrasim" in self.measures:
+            split_probe(num_examples, self.held_out_fraction, self.seed)
+
+    def update(self, step: int, activations: Mapping[str, torch.Tensor]) -> CaptureResult:
+        """Compare this capture's activations with the initial and previous ones, then remember them.
+
+        Args:
+            step: The optimizer step of this capture; must increase from call to call.
+            activations: Layer name to pooled activations ``(N, D)``, the same layers and probe examples at
+                every call.
+        """
+        layers = list(activations)
+        if self.layers is None:
+            num_examples = len(next(iter(activations.values())))
+            if "contrasim" in self.measures:
+                self._train_index, self._test_index = split_probe(num_examples, self.held_out_fraction, self.seed)
+            self.layers = layers
+        elif layers != self.layers:
+            raise ValueError(f"Capture at step {step} has layers {layers}, but earlier captures had {self.layers}.")
+        if self.history_steps and step <= self.history_steps[-1]:
+            raise ValueError(f"Capture steps must increase: got step {step} after step {self.history_steps[-1]}.")
+
+        tensors = [activations[name].detach().float() for name in layers]
+        current = _Snapshot(step, tensors, self._usable_layers(tensors))
+        initial = self.initial or current
+        timings: dict[str, float] = {}
+        cross_layer: dict[str, np.ndarray] = {}
+        vs_init: dict[str, np.ndarray] = {}
+        vs_previous: dict[str, np.ndarray] = {}
+        for measure in self.measures:
+            start = time.perf_counter()
+            compute = self._cka if measure == "cka" else self._contrasim
+            cross_layer[measure], vs_init[measure], previous_values = compute(current, initial, self.previous)
+            if previous_values is not None:
+                vs_previous[measure] = previous_values
+            timings[measure] = time.perf_counter() - start
+
+        self.history_steps.append(step)
+        for measure in self.measures:
+            self.vs_init_history[measure].append(vs_init[measure])
+        result = CaptureResult(
+            step=step,
+            layers=layers,
+            cross_layer=cross_layer,
+            vs_init=vs_init,
+            vs_previous=vs_previous,
+            previous_step=None if self.previous is None else self.previous.step,
+            history_steps=list(self.history_steps),
+            vs_init_history={m: np.stack(self.vs_init_history[m], axis=1) for m in self.measures},
+            unusable_layers=[name for name, ok in zip(layers, current.usable) if not ok],
+            timings=timings,
+        )
+        if self.initial is None:
+            self.initial = current
+        self.previous = current
+        return result
+
+    def _usable_layers(self, tensors: list[torch.Tensor]) -> list[bool]:
+        """Flag layers with finite, non-constant activations; report each other layer once.
+
+        A constant layer (every probe example maps to the same vector) has no similarity structure: CKA is 0/0
+        there, and a ContraSim head would only see one input. Its entries are NaN.
+        """
+        usable = []
+        for name, tensor in zip(self.layers, tensors):
+            finite = bool(torch.isfinite(tensor).all())
+            constant = finite and bool((tensor == tensor[:1]).all())
+            usable.append(finite and not constant)
+            if usable[-1] or name in self._reported_unusable:
+                continue
+            self._reported_unusable.add(name)
+            problem = "non-finite activations (NaN or inf)" if not finite else "the same activations for every example"
+            logger.warning(
+                "Layer %r has %s on the probe set; its similarities are logged as NaN. Reported once per layer.",
+                name,
+                problem,
+            )
+        return usable
+
+    def _cka(self, current: _Snapshot, initial: _Snapshot, previous: _Snapshot | None):
+        size = len(current.tensors)
+        cross = np.full((size, size), np.nan)
+        index = [i for i in range(size) if current.usable[i]]
+        if index:
+            matrix = linear_cka_matrix([current.tensors[i] for i in index])
+            cross[np.ix_(index, index)] = matrix.cpu().numpy()
+
+        def against(reference: _Snapshot) -> np.ndarray:
+            values = np.full(size, np.nan)
+            for i, ok in enumerate(current.comparable(reference)):
+                if ok:
+                    values[i] = float(linear_cka(current.tensors[i], reference.tensors[i]))
+            return values
+
+        return cross, against(initial), None if previous is None else against(previous)
+
+    def _contrasim(self, current: _Snapshot, initial: _Snapshot, previous: _Snapshot | None):
+        size = len(current.tensors)
+        first_capture = current is initial
+        previous_is_initial = previous is None or previous is initial
+
+        # One batched fit for every head of this capture. Feature k is layer k % size of, in order, the current,
+        # the initial and (when it differs from the initial) the previous capture.
+        features = list(current.tensors) + list(initial.tensors)
+        pairs: list[tuple[int, int]] = []
+        slots: list[tuple[str, int, int]] = []
+        for i in range(size):
+            for j in range(i + 1, size):
+                if current.usable[i] and current.usable[j]:
+                    pairs.append((i, j))
+                    slots.append(("cross", i, j))
+        if not first_capture:
+            for i, ok in enumerate(current.comparable(initial)):
+                if ok:
+                    pairs.append((i, size + i))
+                    slots.append(("init", i, i))
+        if not previous_is_initial:
+            features += list(previous.tensors)
+            for i, ok in enumerate(current.comparable(previous)):
+                if ok:
+                    pairs.append((i, 2 * size + i))
+                    slots.append(("previous", i, i))
+
+        scores: list[float] = []
+        if pairs:
+            config = self.contrasim_config
+            scores = contrasim_pairs(features, pairs, self._train_index, self._test_index, config=config).tolist()
+
+        cross = np.full((size, size), np.nan)
+        vs_init = np.full(size, np.nan)
+        vs_previous = np.full(size, np.nan)
+        for i in range(size):
+            if current.usable[i]:
+                cross[i, i] = 1.0
+                if first_capture:
+                    vs_init[i] = 1.0  # the initial capture against itself
+        for (kind, i, j), value in zip(slots, scores):
+            if kind == "cross":
+                cross[i, j] = cross[j, i] = value
+            elif kind == "init":
+                vs_init[i] = value
+            else:
+                vs_previous[i] = value
+        if previous is None:
+            return cross, vs_init, None
+        if previous_is_initial:
+            vs_previous = vs_init.copy()
+        return cross, vs_init, vs_previous
