@@ -1,0 +1,233 @@
+"""ContraSimCallback under the real Hugging Face Trainer, on a tiny BERT built from a config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from contrasim_monitor.integrations.transformers import ContraSimCallback
+from tb_events import load_events
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+from contrasim_monitor.contrasim import ContraSimConfig
+
+LAYERS = ["embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.2"]
+FAST_CONTRASIM = ContraSimConfig(hidden_dims=(32,), out_dim=16, epochs=5)
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def token_dataset(size: int, seed: int = 0) -> list[dict]:
+    """Variable-length random sequences; the label is whether token 5 occurs, so there is something to learn."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(size):
+        length = int(rng.integers(6, 16))
+        ids = rng.integers(1, 64, size=length).tolist()
+        examples.append({"input_ids": ids, "attention_mask": [1] * length, "labels": int(5 in ids)})
+    return examples
+
+
+def pad_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {
+        "input_ids": torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in examples]),
+        "attention_mask": torch.tensor(
+            [e["attention_mask"] + [0] * (width - len(e["attention_mask"])) for e in examples]
+        ),
+    }
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([e["labels"] for e in examples])
+    return batch
+
+
+def make_trainer(tmp_path: Path, callback, max_steps: int = 6, accumulation: int = 4, extra_callbacks=(), **kwargs):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=16,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=kwargs.pop("report_to", "none"),
+        use_cpu=True,
+        seed=0,
+    )
+    return Trainer(
+        model=kwargs.pop("model", None) or tiny_bert(),
+        args=args,
+        train_dataset=token_dataset(128, seed=1),
+        eval_dataset=token_dataset(96, seed=2),
+        data_collator=pad_collate,
+        callbacks=[callback, *extra_callbacks],
+    )
+
+
+def remaining_hooks(model: torch.nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs) for m in model.modules()
+    )
+
+
+def test_callback_captures_at_expected_steps(tmp_path):
+    log_dir = tmp_path / "tb"
+    callback = ContraSimCallback(probe=80, schedule=2, log_dir=log_dir, contrasim=FAST_CONTRASIM)
+    trainer = make_trainer(tmp_path, callback, max_steps=7, accumulation=4)
+    trainer.train()
+
+    # Steps 0 (initial model), 2, 4, 6 (schedule) and 7 (end of training); gradient accumulation does not shift them.
+    events = load_events(log_dir)
+    for measure in ("contrasim", "cka"):
+        for comparison in ("vs_init", "vs_previous"):
+            for layer in LAYERS:
+                tag = f"{measure}/{comparison}/{layer}"
+                assert tag in events.Tags()["scalars"], tag
+        steps = [e.step for e in events.Scalars(f"{measure}/vs_init/bert.encoder.layer.2")]
+        assert steps == [0, 2, 4, 6, 7]
+        assert all(b > a for a, b in zip(steps, steps[1:]))
+        previous_steps = [e.step for e in events.Scalars(f"{measure}/vs_previous/embeddings")]
+        assert previous_steps == [2, 4, 6, 7]
+
+    images = events.Tags()["images"]
+    for tag in ("contrasim/cross_layer", "cka/cross_layer", "contrasim/vs_init_history", "cka/vs_init_history"):
+        assert tag in images, tag
+        assert [e.step for e in events.Images(tag)] == [0, 2, 4, 6, 7]
+        first = events.Images(tag)[0]
+        assert first.width > 100
+        assert first.height > 100
+        assert first.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_callback_values_are_similarities(tmp_path):
+    log_dir = tmp_path / "tb"
+    callback = ContraSimCallback(probe=80, schedule=3, log_dir=log_dir, contrasim=FAST_CONTRASIM)
+    make_trainer(tmp_path, callback, max_steps=6, accumulation=1).train()
+
+    records = [json.loads(line) for line in (log_dir / "contrasim.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 3, 6]
+    assert records[0]["layers"] == LAYERS
+    for measure in ("contrasim", "cka"):
+        assert records[0]["vs_init"][measure] == pytest.approx([1.0] * 4, abs=1e-6)
+        for record in records:
+            matrix = np.array(record["cross_layer"][measure], dtype=float)
+            assert matrix.shape == (4, 4)
+            np.testing.assert_allclose(matrix, matrix.T, atol=1e-12)
+            np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-6)
+            assert np.all(matrix <= 1.0 + 1e-6)
+            assert np.all(matrix >= -1.0 - 1e-6)
+    # Training moved the weights, so the last layer is no longer identical to its initial self.
+    assert records[-1]["vs_init"]["cka"][-1] < 0.999
+
+
+def test_no_hooks_remain_after_training(tmp_path):
+    model = tiny_bert()
+    callback = ContraSimCallback(probe=64, schedule=1, log_dir=tmp_path / "tb", contrasim=FAST_CONTRASIM)
+    make_trainer(tmp_path, callback, max_steps=2, accumulation=1, model=model).train()
+    assert remaining_hooks(model) == 0
+
+
+class _FailAtStep(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("injected failure")
+
+
+def test_no_hooks_remain_when_training_raises(tmp_path):
+    model = tiny_bert()
+    callback = ContraSimCallback(probe=64, schedule=1, log_dir=tmp_path / "tb", contrasim=FAST_CONTRASIM)
+    trainer = make_trainer(
+        tmp_path, callback, max_steps=5, accumulation=1, model=model, extra_callbacks=[_FailAtStep(2)]
+    )
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer.train()
+    assert remaining_hooks(model) == 0
+    # Captures made before the failure are on disk.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "tb" / "contrasim.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+
+
+def test_default_log_dir_is_trainer_tensorboard_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    callback = ContraSimCallback(probe=64, schedule=2, measures=["cka"])
+    make_trainer(tmp_path, callback, max_steps=2, accumulation=1, report_to=["tensorboard"]).train()
+
+    run_dirs = list((tmp_path / "out" / "runs").iterdir())
+    assert len(run_dirs) == 1
+    assert Path(callback.log_dir) == run_dirs[0]
+    trainer_events = [p for p in run_dirs[0].glob("events.out.tfevents.*") if not p.name.endswith(".contrasim")]
+    assert trainer_events, "the Trainer's own event file should be in the same folder"
+    assert "cka/vs_init/embeddings" in load_events(run_dirs[0]).Tags()["scalars"]
+
+
+def test_tensorboard_env_var_sets_log_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "from_env"))
+    callback = ContraSimCallback(probe=64, schedule=2, measures=["cka"])
+    make_trainer(tmp_path, callback, max_steps=2, accumulation=1).train()
+    assert "cka/vs_init/embeddings" in load_events(tmp_path / "from_env").Tags()["scalars"]
+
+
+def test_probe_as_list_of_examples(tmp_path):
+    probe = [{k: v for k, v in e.items() if k != "labels"} for e in token_dataset(64, seed=5)]
+    callback = ContraSimCallback(probe=probe, schedule=2, log_dir=tmp_path / "tb", layers=["bert.encoder.layer.*"])
+    make_trainer(tmp_path, callback, max_steps=2, accumulation=1).train()
+    result = callback.monitor.results[-1]
+    assert result.layers == LAYERS[1:]
+    assert len(callback.monitor.probe) == 64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"schedule": 0}, ValueError, "positive integer"),
+        ({"schedule": -3}, ValueError, "positive integer"),
+        ({"schedule": "often"}, TypeError, "callable"),
+        ({"schedule": 2.5}, TypeError, "callable"),
+        ({"probe": 0}, ValueError, "positive number"),
+        ({"probe": [{"input_ids": [1, 2, 3]}] * 10}, ValueError, "at least"),
+        ({"measures": ["svd"]}, ValueError, "Unknown measure"),
+        ({"pooling": "max"}, ValueError, "pooling"),
+        ({"held_out_fraction": 1.5}, ValueError, "held_out_fraction"),
+        ({"layers": []}, ValueError, "layers"),
+    ],
+)
+def test_invalid_arguments_raise_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ContraSimCallback(**kwargs)
+
+
+def test_unknown_layer_raises_at_train_begin(tmp_path):
+    model = tiny_bert()
+    callback = ContraSimCallback(probe=64, layers=["bert.encoder.layr.0"], log_dir=tmp_path / "tb")
+    trainer = make_trainer(tmp_path, callback, max_steps=2, accumulation=1, model=model)
+    with pytest.raises(ValueError, match="matches no module") as excinfo:
+        trainer.train()
+    assert "bert.encoder.layer.0" in str(excinfo.value)
+    assert trainer.state.global_step == 0
+    assert remaining_hooks(model) == 0
+
+
+def test_probe_larger_than_eval_set_raises(tmp_path):
+    callback = ContraSimCallback(probe=500, log_dir=tmp_path / "tb")
+    trainer = make_trainer(tmp_path, callback, max_steps=2, accumulation=1)
+    with pytest.raises(ValueError, match="only 96"):
+        trainer.train()
