@@ -110,6 +110,14 @@ class ContraSimCallback(TrainerCallback):
             log_dir = self.log_dir or self._trainer_log_dir(args)
             self.log_dir = log_dir
         self.monitor.start(model, probe, log_dir, is_main_process=state.is_world_process_zero)
+        if state.global_step > 0:
+            # NOTE: the captures of the run before the checkpoint are not restored, so "initial" means the
+            # weights this run resumed from.
+            logger.warning(
+                "Training resumes at step %d: similarities 'vs_init' compare with the resumed weights at that step, "
+                "not with the weights at step 0.",
+                state.global_step,
+            )
         # The initial capture is strict: a configuration that cannot capture stops the run before step 1.
         self.monitor.capture(model, state.global_step, strict=True)
 

@@ -231,3 +231,20 @@ def test_probe_larger_than_eval_set_raises(tmp_path):
     trainer = make_trainer(tmp_path, callback, max_steps=2, accumulation=1)
     with pytest.raises(ValueError, match="only 96"):
         trainer.train()
+
+
+def test_resume_from_checkpoint_starts_at_saved_step(tmp_path, caplog):
+    first = ContraSimCallback(probe=64, schedule=2, log_dir=tmp_path / "tb1", measures=["cka"])
+    trainer = make_trainer(tmp_path, first, max_steps=4, accumulation=1)
+    trainer.args.save_strategy = "steps"
+    trainer.args.save_steps = 2
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert checkpoint.is_dir()
+
+    resumed = ContraSimCallback(probe=64, schedule=2, log_dir=tmp_path / "tb2", measures=["cka"])
+    trainer = make_trainer(tmp_path, resumed, max_steps=4, accumulation=1)
+    with caplog.at_level("WARNING", logger="contrasim_monitor.integrations.transformers"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert [r.step for r in resumed.monitor.results] == [2, 4]
+    assert any("resumes at step 2" in r.getMessage() for r in caplog.records)
