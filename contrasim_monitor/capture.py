@@ -27,12 +27,13 @@ __all__ = [
     "capture_activations",
     "pool_tokens",
     "resolve_layers",
+    "sample_positions",
     "unwrap_model",
 ]
 
 #: Name of the pseudo-layer "input of the first transformer block", which is the embeddings output.
 EMBEDDINGS = "embeddings"
-POOLING_METHODS = ("mean", "first", "last")
+POOLING_METHODS = ("mean", "first", "last", "sample")
 
 
 class CaptureError(RuntimeError):
@@ -188,19 +189,29 @@ def _first_tensor(output: Any) -> torch.Tensor:
     raise CaptureError(f"Cannot take activations from a module output of type {type(output).__name__}.")
 
 
-def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None, method: str = "mean") -> torch.Tensor:
-    """Pool token activations to one vector per example, in float32.
+def pool_tokens(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    method: str = "mean",
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pool token activations to vectors, in float32.
 
     Args:
         hidden: Activations of shape ``(N, T, D)``, or ``(N, D)`` which is returned as it is (in float32).
         attention_mask: ``(N, T)`` with 1 for real tokens and 0 for padding, or None when there is no padding.
-        method: ``"mean"`` over non-padding tokens, ``"first"`` token, or ``"last"`` non-padding token (works
-            for left and right padding).
+        method: ``"mean"`` over non-padding tokens, ``"first"`` token, ``"last"`` non-padding token (works for
+            left and right padding), or ``"sample"``: the token positions given in ``positions``.
+        positions: ``(N, K)`` token indices for ``"sample"``, from :func:`sample_positions`.
 
     Returns:
-        Pooled activations of shape ``(N, D)``.
+        ``(N, D)``, or ``(N * K, D)`` for ``"sample"`` with the K rows of each example next to each other.
     """
     if hidden.dim() == 2:
+        if method == "sample":
+            raise CaptureError(
+                f"pooling='sample' needs token activations (examples, tokens, width), got {tuple(hidden.shape)}."
+            )
         return hidden.float()
     if hidden.dim() != 3:
         raise CaptureError(
@@ -214,6 +225,11 @@ def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None, metho
     hidden = hidden.float()
     if method == "first":
         return hidden[:, 0]
+    if method == "sample":
+        if positions is None:
+            raise ValueError("pooling='sample' needs `positions`.")
+        index = positions.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        return hidden.gather(1, index).reshape(-1, hidden.shape[-1])
     if attention_mask is None:
         return hidden.mean(dim=1) if method == "mean" else hidden[:, -1]
     mask = attention_mask.to(device=hidden.device, dtype=hidden.dtype)
@@ -227,6 +243,39 @@ def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None, metho
     raise ValueError(f"`pooling` must be one of {POOLING_METHODS}, got {method!r}.")
 
 
+def sample_positions(
+    attention_mask: torch.Tensor, tokens_per_example: int, seed: int, first_example_index: int
+) -> torch.Tensor:
+    """Draw ``tokens_per_example`` non-padding token positions per example, the same at every capture.
+
+    Example ``i`` of the batch draws from a generator seeded with ``seed`` and its index in the whole probe set,
+    so the positions do not depend on batching or on how the probe set is split across processes. Examples with
+    fewer tokens than requested are sampled with replacement.
+
+    Args:
+        attention_mask: ``(N, T)``, 1 for real tokens.
+        tokens_per_example: K, the positions to draw per example.
+        seed: Seed of the draw.
+        first_example_index: Index in the probe set of the batch's first example.
+
+    Returns:
+        ``(N, K)`` long tensor of sorted token positions.
+    """
+    mask = attention_mask.detach().cpu()
+    rows = []
+    for row, example_mask in enumerate(mask):
+        valid = torch.nonzero(example_mask, as_tuple=False).flatten()
+        if valid.numel() == 0:
+            valid = torch.zeros(1, dtype=torch.long)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + first_example_index + row)
+        if valid.numel() >= tokens_per_example:
+            chosen = valid[torch.randperm(valid.numel(), generator=generator)[:tokens_per_example]]
+        else:
+            chosen = valid[torch.randint(valid.numel(), (tokens_per_example,), generator=generator)]
+        rows.append(chosen.sort().values)
+    return torch.stack(rows)
+
+
 class _Recorder:
     """Per-capture hook state: the pooled activations of each layer and the call count for the current batch."""
 
@@ -234,6 +283,7 @@ class _Recorder:
         self.specs = specs
         self.pooling = pooling
         self.attention_mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
         self.pooled: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in specs}
         self.calls: dict[str, int] = {spec.name: 0 for spec in specs}
 
@@ -255,7 +305,7 @@ class _Recorder:
     def _record(self, name: str, output: Any) -> None:
         self.calls[name] += 1
         hidden = _first_tensor(output).detach()
-        self.pooled[name].append(pool_tokens(hidden, self.attention_mask, self.pooling))
+        self.pooled[name].append(pool_tokens(hidden, self.attention_mask, self.pooling, self.positions))
 
     def check_batch(self, batch_index: int) -> None:
         for name, count in self.calls.items():
@@ -274,7 +324,7 @@ class _Recorder:
             self.calls[name] = 0
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
@@ -302,6 +352,9 @@ def capture_activations(
     batches: Iterable[Mapping[str, Any]],
     layers: Sequence[LayerSpec],
     pooling: str = "mean",
+    tokens_per_example: int = 8,
+    seed: int = 0,
+    first_example_index: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Run the probe batches through the model and return each layer's pooled activations.
 
@@ -314,9 +367,13 @@ def capture_activations(
         batches: Keyword-argument dicts for ``model(**batch)``; an ``attention_mask`` entry marks padding.
         layers: The layers to hook, from :func:`resolve_layers`.
         pooling: One of :data:`POOLING_METHODS`.
+        tokens_per_example: Token positions drawn per example with ``pooling="sample"``.
+        seed: Seed of the positions drawn with ``pooling="sample"``.
+        first_example_index: Index in the whole probe set of the first example in ``batches``.
 
     Returns:
-        A dict from layer name to pooled activations of shape ``(N, D)`` in float32, on the model's device.
+        A dict from layer name to pooled activations in float32 on the model's device: ``(N, D)``, or
+        ``(N * tokens_per_example, D)`` with ``pooling="sample"``.
 
     Raises:
         CaptureError: If a layer collected nothing or ran more than once in one forward pass.
@@ -324,9 +381,10 @@ def capture_activations(
     if pooling not in POOLING_METHODS:
         raise ValueError(f"`pooling` must be one of {POOLING_METHODS}, got {pooling!r}.")
     module = unwrap_model(model)
-    device = _model_device(module)
+    device = model_device(module)
     recorder = _Recorder(layers, pooling)
     handles = []
+    example_index = first_example_index
     try:
         for spec in layers:
             if spec.capture_input:
@@ -337,11 +395,32 @@ def capture_activations(
             for batch_index, batch in enumerate(batches):
                 batch = _to_device(batch, device)
                 recorder.attention_mask = batch.get("attention_mask")
+                batch_size = _batch_size(batch)
+                if pooling == "sample":
+                    mask = recorder.attention_mask
+                    if mask is None:
+                        mask = torch.ones(batch_size, _sequence_length(batch), dtype=torch.long)
+                    recorder.positions = sample_positions(mask, tokens_per_example, seed, example_index)
                 module(**batch)
                 recorder.check_batch(batch_index)
+                example_index += batch_size
     finally:
         for handle in handles:
             handle.remove()
     if not any(recorder.pooled.values()):
         raise CaptureError("The probe set produced no batches, so no activations were captured.")
     return {name: torch.cat(chunks) for name, chunks in recorder.pooled.items()}
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise CaptureError(f"Cannot tell the batch size: no tensor among the probe batch's keys {list(batch)}.")
+
+
+def _sequence_length(batch: Mapping[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[1]
+    raise CaptureError("pooling='sample' needs a batch with a (examples, tokens) tensor such as input_ids.")

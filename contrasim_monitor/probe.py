@@ -86,6 +86,10 @@ class ProbeSet:
             self.examples = [{k: v for k, v in example.items() if k in names} for example in self.examples]
         self._batches = None
 
+    def shard(self, start: int, stop: int) -> ProbeSet:
+        """Return the probe set of examples ``[start, stop)``, batched with the same collator and batch size."""
+        return ProbeSet(self.examples[start:stop], collate_fn=self.collate_fn, batch_size=self.batch_size)
+
     def batches(self) -> Iterator[dict[str, Any]]:
         """Yield the collated batches; they are built once and reused at every capture."""
         if self._batches is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 __all__ = ["CaptureResult"]
 
@@ -25,6 +26,8 @@ class CaptureResult:
         unusable_layers: Layers whose activations contained NaN or inf or were the same for every example;
             their entries are NaN.
         timings: Seconds spent in each phase of the capture.
+        activations: Layer name to the gathered activations ``(N, D)``, for sinks that store them; the monitor
+            drops them once every sink has written, so that its list of results stays small.
     """
 
     step: int
@@ -37,6 +40,7 @@ class CaptureResult:
     vs_init_history: dict[str, np.ndarray]
     unusable_layers: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    activations: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def to_record(self) -> dict:
         """Return a JSON-serialisable dict (NaN becomes None)."""

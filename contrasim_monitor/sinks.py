@@ -19,7 +19,7 @@ from .result import CaptureResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JsonLinesSink", "TensorBoardSink"]
+__all__ = ["JsonLinesSink", "SnapshotSink", "TensorBoardSink", "scalar_tags"]
 
 _COMPARISONS = ("vs_init", "vs_previous")
 
@@ -28,15 +28,36 @@ class TensorBoardSink:
     """Write scalars, heatmaps and a text summary of each capture with ``torch.utils.tensorboard``.
 
     Args:
-        log_dir: Folder of the event file; the Trainer's own run folder places these charts beside its losses.
+        log_dir: Folder of a new event file; the Trainer's own run folder places these charts beside its losses.
         measures: Measure names, used for the custom-scalars layout.
+        writer: An existing ``SummaryWriter`` (for example Accelerate's TensorBoard tracker) to write through
+            instead of a new event file; it is flushed but not closed by :meth:`close`.
+        write_scalars: Also write the per-layer scalars; False when another sink (such as Accelerate's trackers)
+            logs them, so that this one adds only the heatmaps and the text summary.
+        purge_step: When resuming, the first step of the resumed run: TensorBoard hides events at this step and
+            later from the earlier event files of ``log_dir``, which belong to the abandoned continuation.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, measures: tuple[str, ...]) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None,
+        measures: tuple[str, ...],
+        writer=None,
+        write_scalars: bool = True,
+        purge_step: int | None = None,
+    ) -> None:
+        if writer is None:
+            if log_dir is None:
+                raise ValueError("TensorBoardSink needs `log_dir` or an existing SummaryWriter as `writer`.")
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = str(log_dir)
-        self.writer = SummaryWriter(log_dir=self.log_dir, filename_suffix=".contrasim")
+            writer = SummaryWriter(log_dir=str(log_dir), filename_suffix=".contrasim", purge_step=purge_step)
+            self._owns_writer = True
+        else:
+            self._owns_writer = False
+        self.writer = writer
+        self.write_scalars = write_scalars
+        self.log_dir = str(log_dir) if log_dir is not None else writer.log_dir
         layout = {
             measure: {comparison: ["Multiline", [rf"^{measure}/{comparison}/"]] for comparison in _COMPARISONS}
             for measure in measures
@@ -47,11 +68,9 @@ class TensorBoardSink:
         step = result.step
         labels = short_layer_names(result.layers)
 
-        for comparison in _COMPARISONS:
-            values_by_measure = getattr(result, comparison)
-            for measure, values in values_by_measure.items():
-                for layer, value in zip(result.layers, values):
-                    self.writer.add_scalar(f"{measure}/{comparison}/{layer}", float(value), step)
+        if self.write_scalars:
+            for tag, value in scalar_tags(result).items():
+                self.writer.add_scalar(tag, value, step)
 
         for measure, matrix in result.cross_layer.items():
             image = render_heatmap(matrix, labels, labels, f"{measure}: layer x layer, step {step}")
@@ -66,7 +85,31 @@ class TensorBoardSink:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self._owns_writer:
+            self.writer.close()
+        else:
+            self.writer.flush()
+
+
+class SnapshotSink:
+    """Store each capture's activations in a :class:`~contrasim_monitor.store.SnapshotStore`.
+
+    Args:
+        store: The store; its first write fixes the probe fingerprint and the layers.
+        fingerprint: Fingerprint of the probe set, from :meth:`ProbeSet.fingerprint`.
+    """
+
+    def __init__(self, store, fingerprint: str) -> None:
+        self.store = store
+        self.fingerprint = fingerprint
+
+    def write(self, result: CaptureResult) -> None:
+        if result.activations is None:
+            raise ValueError(f"The capture at step {result.step} carries no activations to store.")
+        self.store.write(result.step, result.activations, self.fingerprint)
+
+    def close(self) -> None:
+        pass
 
 
 class JsonLinesSink:
@@ -76,12 +119,37 @@ class JsonLinesSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def truncate_after(self, step: int) -> list[dict]:
+        """Drop records later than ``step`` (rewriting the file atomically) and return the records kept."""
+        if not self.path.exists():
+            return []
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record["step"] <= step:
+                    kept.append(record)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        os.replace(temporary, self.path)
+        return kept
+
     def write(self, result: CaptureResult) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(result.to_record()) + "\n")
 
     def close(self) -> None:
         pass
+
+
+def scalar_tags(result: CaptureResult) -> dict[str, float]:
+    """Return the capture's scalars keyed by TensorBoard tag, ``<measure>/<comparison>/<layer>``."""
+    tags = {}
+    for comparison in _COMPARISONS:
+        for measure, values in getattr(result, comparison).items():
+            for layer, value in zip(result.layers, values):
+                tags[f"{measure}/{comparison}/{layer}"] = float(value)
+    return tags
 
 
 def _summary_markdown(result: CaptureResult) -> str:

@@ -67,6 +67,12 @@ def split_probe(num_examples: int, held_out_fraction: float, seed: int) -> tuple
     return order[num_held_out:].sort().values, order[:num_held_out].sort().values
 
 
+def _example_rows(examples: torch.Tensor, rows_per_example: int) -> torch.Tensor:
+    """Expand example indices to the indices of their activation rows."""
+    offsets = torch.arange(rows_per_example)
+    return (examples.unsqueeze(1) * rows_per_example + offsets).flatten()
+
+
 @dataclass
 class _Snapshot:
     """One capture's activations, with a flag per layer: finite and not constant."""
@@ -106,6 +112,8 @@ class SimilarityTracker:
             )
         self.held_out_fraction = held_out_fraction
         self.seed = seed
+        #: Activation rows per probe example: 1, or the tokens drawn per example with pooling="sample".
+        self.rows_per_example = 1
         self.reset()
 
     def reset(self) -> None:
@@ -118,6 +126,53 @@ class SimilarityTracker:
         self._train_index: torch.Tensor | None = None
         self._test_index: torch.Tensor | None = None
         self._reported_unusable: set[str] = set()
+
+    def restore(
+        self,
+        initial: tuple[int, Mapping[str, torch.Tensor]],
+        previous: tuple[int, Mapping[str, torch.Tensor]],
+        history: Sequence[tuple[int, Mapping[str, Sequence[float]]]] = (),
+    ) -> None:
+        """Continue a series from stored captures, as when a run resumes from a checkpoint.
+
+        Args:
+            initial: Step and activations of the initial capture.
+            previous: Step and activations of the last capture before the resume point.
+            history: ``(step, {measure: vs_init values})`` of earlier captures, for the history heatmap; measures
+                missing from an entry are filled with NaN.
+        """
+        self.reset()
+        initial_step, initial_activations = initial
+        layers = list(initial_activations)
+        num_rows = len(next(iter(initial_activations.values())))
+        if "contrasim" in self.measures:
+            train, test = split_probe(num_rows // self.rows_per_example, self.held_out_fraction, self.seed)
+            self._train_index = _example_rows(train, self.rows_per_example)
+            self._test_index = _example_rows(test, self.rows_per_example)
+        self.layers = layers
+
+        def snapshot(step: int, activations: Mapping[str, torch.Tensor]) -> _Snapshot:
+            if list(activations) != layers:
+                raise ValueError(f"Stored capture at step {step} has layers {list(activations)}, expected {layers}.")
+            tensors = [activations[name].detach().float() for name in layers]
+            return _Snapshot(step, tensors, self._usable_layers(tensors))
+
+        self.initial = snapshot(initial_step, initial_activations)
+        previous_step, previous_activations = previous
+        self.previous = self.initial if previous_step == initial_step else snapshot(previous_step, previous_activations)
+        for step, values in history:
+            if step > previous_step:
+                continue
+            self.history_steps.append(step)
+            for measure in self.measures:
+                row = values.get(measure)
+                self.vs_init_history[measure].append(
+                    np.full(len(layers), np.nan) if row is None else np.asarray(row, dtype=float)
+                )
+        if not self.history_steps or self.history_steps[-1] != previous_step:
+            self.history_steps.append(previous_step)
+            for measure in self.measures:
+                self.vs_init_history[measure].append(np.full(len(layers), np.nan))
 
     def check_probe_size(self, num_examples: int) -> None:
         """Raise a ValueError now if ``num_examples`` is too few for the ContraSim split."""
@@ -134,9 +189,16 @@ class SimilarityTracker:
         """
         layers = list(activations)
         if self.layers is None:
-            num_examples = len(next(iter(activations.values())))
+            num_rows = len(next(iter(activations.values())))
+            if num_rows % self.rows_per_example:
+                raise ValueError(
+                    f"{num_rows} activation rows is not a multiple of {self.rows_per_example} per example."
+                )
             if "contrasim" in self.measures:
-                self._train_index, self._test_index = split_probe(num_examples, self.held_out_fraction, self.seed)
+                # Split by example, so that rows sampled from one example never fall on both sides of the split.
+                train, test = split_probe(num_rows // self.rows_per_example, self.held_out_fraction, self.seed)
+                self._train_index = _example_rows(train, self.rows_per_example)
+                self._test_index = _example_rows(test, self.rows_per_example)
             self.layers = layers
         elif layers != self.layers:
             raise ValueError(f"Capture at step {step} has layers {layers}, but earlier captures had {self.layers}.")

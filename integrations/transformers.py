@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -29,7 +30,10 @@ from contrasim_monitor.tracker import MEASURES, SimilarityTracker
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ContraSimCallback"]
+__all__ = ["STATE_FILE", "ContraSimCallback"]
+
+#: File in each Trainer checkpoint folder that records where the monitor's store and TensorBoard folder are.
+STATE_FILE = "contrasim_monitor.json"
 
 
 class ContraSimCallback(TrainerCallback):
@@ -49,12 +53,23 @@ class ContraSimCallback(TrainerCallback):
             block.
         log_dir: TensorBoard folder; by default the folder the Trainer's TensorBoard callback writes to.
         measures: Any of ``"contrasim"`` and ``"cka"``.
-        pooling: ``"mean"`` over non-padding tokens, ``"first"`` token, or ``"last"`` non-padding token.
+        pooling: ``"mean"`` over non-padding tokens, ``"first"`` token, ``"last"`` non-padding token, or
+            ``"sample"``: ``tokens_per_example`` seeded token positions per example, each compared as a row.
+        tokens_per_example: Token positions drawn per example with ``pooling="sample"``.
         contrasim: ContraSim hyperparameters; the published ones by default.
         held_out_fraction: Fraction of the probe set held out to score ContraSim heads.
         probe_batch_size: Examples per probe forward pass; ``per_device_eval_batch_size`` by default.
         seed: Seed for drawing the probe set and splitting it.
         data_collator: Collates probe examples into batches; by default the Trainer's training collator.
+        store_dir: Folder of the snapshot store that keeps each capture's activations for later comparison and
+            for resuming; ``<output_dir>/contrasim_snapshots`` by default, False for none.
+        snapshot_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for stored activations.
+        max_snapshots: Snapshots kept in the store; the first and newest always stay and the rest are thinned
+            evenly over the steps. None keeps all.
+
+    A run resumed from a Trainer checkpoint continues the same series: the checkpoint folder records where the
+    store and the TensorBoard folder are (``contrasim_monitor.json``), the store's captures up to the resumed
+    step become the initial and previous captures, and later ones from the abandoned continuation are dropped.
 
     Raises:
         ValueError, TypeError: On invalid arguments, when the callback is built. Layer names that match
@@ -69,11 +84,15 @@ class ContraSimCallback(TrainerCallback):
         log_dir: str | os.PathLike | None = None,
         measures: Sequence[str] = MEASURES,
         pooling: str = "mean",
+        tokens_per_example: int = 8,
         contrasim: ContraSimConfig | None = None,
         held_out_fraction: float = 0.25,
         probe_batch_size: int | None = None,
         seed: int = 0,
         data_collator=None,
+        store_dir: str | os.PathLike | bool | None = None,
+        snapshot_dtype: str = "float16",
+        max_snapshots: int | None = 64,
     ) -> None:
         if isinstance(probe, bool) or (isinstance(probe, int) and probe <= 0):
             raise ValueError(f"`probe` must be a positive number of examples or a dataset, got {probe!r}.")
@@ -90,13 +109,23 @@ class ContraSimCallback(TrainerCallback):
         self.tracker = SimilarityTracker(measures, contrasim, held_out_fraction, seed)
         if not isinstance(probe, int):
             self.tracker.check_probe_size(len(probe))
-        self.monitor = Monitor(self.tracker, layers=layers, pooling=pooling)
+        self.monitor = Monitor(
+            self.tracker, layers=layers, pooling=pooling, tokens_per_example=tokens_per_example, seed=seed
+        )
         self.probe = probe
         self.log_dir = None if log_dir is None else str(log_dir)
         self.probe_batch_size = probe_batch_size
         self.seed = seed
         self.data_collator = data_collator
+        if store_dir is not None and not isinstance(store_dir, (str, os.PathLike, bool)) or store_dir is True:
+            raise TypeError(f"`store_dir` must be a folder path, None for the default, or False, got {store_dir!r}.")
+        self.store_dir = store_dir
+        # Checked now so that a typo fails before training; the store itself is opened at the start of training.
+        _validate_store_arguments(snapshot_dtype, max_snapshots)
+        self.snapshot_dtype = snapshot_dtype
+        self.max_snapshots = max_snapshots
         self._train_start_time: float | None = None
+        self._active_store_dir: str | None = None
 
     # Trainer events
 
@@ -104,22 +133,65 @@ class ContraSimCallback(TrainerCallback):
         self._train_start_time = time.time()
         self.tracker.reset()
         self.monitor.results = []
-        probe = self._build_probe(args, kwargs)
+        self.monitor.enabled = True
+        trainer, checkpoint_dir = _calling_trainer()
+        probe = self._build_probe(args, kwargs, trainer)
+
+        resume_step = state.global_step if state.global_step > 0 else None
+        saved = _read_saved_state(checkpoint_dir, args.output_dir, resume_step) if resume_step else {}
         log_dir = None
         if state.is_world_process_zero:
-            log_dir = self.log_dir or self._trainer_log_dir(args)
+            log_dir = self.log_dir or saved.get("log_dir") or self._trainer_log_dir(args)
             self.log_dir = log_dir
-        self.monitor.start(model, probe, log_dir, is_main_process=state.is_world_process_zero)
-        if state.global_step > 0:
-            # NOTE: the captures of the run before the checkpoint are not restored, so "initial" means the
-            # weights this run resumed from.
+        store_dir = self._resolve_store_dir(saved, log_dir)
+        store = None
+        if store_dir is not None:
+            from contrasim_monitor.store import SnapshotStore
+
+            exists = (Path(store_dir) / "index.json").exists()
+            if state.is_world_process_zero:
+                store = SnapshotStore(store_dir, self.snapshot_dtype, max_snapshots=self.max_snapshots)
+                if resume_step is None and store.steps():
+                    raise ValueError(
+                        f"The snapshot store {store_dir} already holds captures at steps {store.steps()[:5]}... of "
+                        "another run. Resume that run from its checkpoint, pass another `store_dir=` (or `log_dir=`), "
+                        "or delete the folder."
+                    )
+            elif resume_step is not None and exists:
+                store = SnapshotStore.open(store_dir)
+        self._active_store_dir = store_dir
+        self.monitor.start(
+            model,
+            probe,
+            log_dir,
+            is_main_process=state.is_world_process_zero,
+            store=store,
+            resume_step=resume_step,
+        )
+        if resume_step is not None and self.monitor.last_step is None:
+            # NOTE: no stored captures to continue from, so "initial" means the weights this run resumed from.
             logger.warning(
-                "Training resumes at step %d: similarities 'vs_init' compare with the resumed weights at that step, "
-                "not with the weights at step 0.",
-                state.global_step,
+                "Training resumes at step %d without stored captures of the earlier run: similarities 'vs_init' "
+                "compare with the resumed weights at that step, not with the weights at step 0.",
+                resume_step,
             )
-        # The initial capture is strict: a configuration that cannot capture stops the run before step 1.
-        self.monitor.capture(model, state.global_step, strict=True)
+        if self.monitor.last_step != state.global_step:
+            # Strict: a configuration that cannot capture stops the run before its first step.
+            self.monitor.capture(model, state.global_step, strict=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not checkpoint.is_dir():
+            return
+        saved = {"step": state.global_step, "log_dir": self.log_dir, "store_dir": self._active_store_dir}
+        try:
+            (checkpoint / STATE_FILE).write_text(json.dumps(saved, indent=2), encoding="utf-8")
+        except OSError as error:
+            logger.error(
+                "Could not save the monitor state into %s (%s); a resumed run starts a new series.", checkpoint, error
+            )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.schedule(state.global_step) and self.monitor.last_step != state.global_step:
@@ -135,8 +207,17 @@ class ContraSimCallback(TrainerCallback):
 
     # Helpers
 
-    def _build_probe(self, args, kwargs) -> ProbeSet:
-        trainer = _calling_trainer()
+    def _resolve_store_dir(self, saved: dict, log_dir: str | None) -> str | None:
+        if self.store_dir is False:
+            return None
+        if self.store_dir is not None:
+            return str(self.store_dir)
+        if saved.get("store_dir"):
+            return saved["store_dir"]
+        # Inside the run's TensorBoard folder, which is new for each run unless set explicitly.
+        return str(Path(log_dir) / "snapshots") if log_dir is not None else None
+
+    def _build_probe(self, args, kwargs, trainer) -> ProbeSet:
         collate_fn = self.data_collator
         if collate_fn is None and trainer is not None:
             collate_fn = trainer.data_collator
@@ -195,17 +276,48 @@ class ContraSimCallback(TrainerCallback):
 
 
 def _calling_trainer():
-    """Find the Trainer whose event called this callback; callbacks are not handed the Trainer itself.
+    """Find the Trainer whose event called this callback, and the checkpoint its ``train()`` resumes from.
 
-    The eval dataset and data collator are only reachable through it: at ``on_train_begin`` transformers passes
-    the training dataloader but no eval dataloader.
+    Callbacks are not handed the Trainer itself. The eval dataset and data collator are only reachable through
+    it, because at ``on_train_begin`` transformers passes the training dataloader but no eval dataloader.
+
+    Returns:
+        ``(trainer, resume_from_checkpoint)``, each None when not found.
     """
     from transformers import Trainer
 
+    trainer = None
+    checkpoint = None
     frame = sys._getframe(1)
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, Trainer):
-            return candidate
+            trainer = candidate
+            value = frame.f_locals.get("resume_from_checkpoint")
+            if isinstance(value, (str, os.PathLike)):
+                checkpoint = str(value)
         frame = frame.f_back
-    return None
+    return trainer, checkpoint
+
+
+def _read_saved_state(checkpoint_dir: str | None, output_dir: str, step: int) -> dict:
+    """Read the monitor state saved in the checkpoint a run resumes from; empty when there is none."""
+    candidates = [Path(checkpoint_dir)] if checkpoint_dir else []
+    candidates.append(Path(output_dir) / f"checkpoint-{step}")
+    for folder in candidates:
+        path = folder / STATE_FILE
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                logger.error("Could not read the monitor state %s (%s); starting a new series.", path, error)
+    return {}
+
+
+def _validate_store_arguments(snapshot_dtype: str, max_snapshots: int | None) -> None:
+    if snapshot_dtype not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"`snapshot_dtype` must be 'float16', 'bfloat16' or 'float32', got {snapshot_dtype!r}.")
+    if max_snapshots is not None and (
+        isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 2
+    ):
+        raise ValueError(f"`max_snapshots` must be an integer of at least 2 or None, got {max_snapshots!r}.")

@@ -184,3 +184,28 @@ def test_short_layer_names_drop_shared_prefix():
     assert short_layer_names(names) == ["embeddings", "layer.0", "layer.11"]
     assert short_layer_names(["fc1", "fc2"]) == ["fc1", "fc2"]
     assert short_layer_names(["encoder.a.x", "decoder.b"]) == ["encoder.a.x", "decoder.b"]
+
+
+def test_sample_positions_independent_of_batching():
+    model = small_bert()
+    inputs = batch(size=6, length=7)
+    layers = resolve_layers(model, ["encoder.layer.1"])
+    whole = capture_activations(model, [inputs], layers, pooling="sample", tokens_per_example=3, seed=4)
+    halves = [{k: v[:2] for k, v in inputs.items()}, {k: v[2:] for k, v in inputs.items()}]
+    split = capture_activations(model, halves, layers, pooling="sample", tokens_per_example=3, seed=4)
+    assert whole["encoder.layer.1"].shape == (18, 16)
+    torch.testing.assert_close(whole["encoder.layer.1"], split["encoder.layer.1"])
+    reseeded = capture_activations(model, [inputs], layers, pooling="sample", tokens_per_example=3, seed=5)
+    assert not torch.equal(whole["encoder.layer.1"], reseeded["encoder.layer.1"])
+
+
+def test_sample_positions_stay_on_real_tokens():
+    from contrasim_monitor.capture import sample_positions
+
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    positions = sample_positions(mask, tokens_per_example=4, seed=0, first_example_index=0)
+    assert positions.shape == (3, 4)
+    for row in range(3):
+        assert bool(mask[row, positions[row]].all())
+    # Five real tokens and four draws: no position repeats.
+    assert len(set(positions[1].tolist())) == 4

@@ -178,3 +178,18 @@ def test_unwritable_sink_is_switched_off(tmp_path, caplog):
     assert len(errors) == 1
     assert [type(s).__name__ for s in monitor.sinks] == ["TensorBoardSink"]
     monitor.close()
+
+
+def test_sampled_rows_split_by_example():
+    tracker = SimilarityTracker(contrasim=FAST)
+    tracker.rows_per_example = 4
+    tracker.update(0, activations(0, examples=64 * 4))
+    train = set(tracker._train_index.tolist())
+    test = set(tracker._test_index.tolist())
+    assert not train & test
+    assert len(train) + len(test) == 256
+    # All four rows of an example fall on the same side.
+    train_examples = {row // 4 for row in train}
+    test_examples = {row // 4 for row in test}
+    assert not train_examples & test_examples
+    assert len(test_examples) == 16

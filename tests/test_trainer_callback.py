@@ -10,6 +10,7 @@ import pytest
 import torch
 from contrasim_monitor.integrations.transformers import ContraSimCallback
 from tb_events import load_events
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from contrasim_monitor.contrasim import ContraSimConfig
@@ -115,9 +116,12 @@ def test_callback_captures_at_expected_steps(tmp_path):
         assert first.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_callback_values_are_similarities(tmp_path):
+@pytest.mark.parametrize("pooling", ["mean", "sample"])
+def test_callback_values_are_similarities(tmp_path, pooling):
     log_dir = tmp_path / "tb"
-    callback = ContraSimCallback(probe=80, schedule=3, log_dir=log_dir, contrasim=FAST_CONTRASIM)
+    callback = ContraSimCallback(
+        probe=80, schedule=3, log_dir=log_dir, contrasim=FAST_CONTRASIM, pooling=pooling, tokens_per_example=3
+    )
     make_trainer(tmp_path, callback, max_steps=6, accumulation=1).train()
 
     records = [json.loads(line) for line in (log_dir / "contrasim.jsonl").read_text().splitlines()]
@@ -208,6 +212,11 @@ def test_probe_as_list_of_examples(tmp_path):
         ({"pooling": "max"}, ValueError, "pooling"),
         ({"held_out_fraction": 1.5}, ValueError, "held_out_fraction"),
         ({"layers": []}, ValueError, "layers"),
+        ({"snapshot_dtype": "int8"}, ValueError, "snapshot_dtype"),
+        ({"max_snapshots": 1}, ValueError, "max_snapshots"),
+        ({"store_dir": True}, TypeError, "store_dir"),
+        ({"tokens_per_example": 0}, ValueError, "tokens_per_example"),
+        ({"pooling": "sample", "probe": 0}, ValueError, "probe"),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs, error, message):
@@ -233,18 +242,61 @@ def test_probe_larger_than_eval_set_raises(tmp_path):
         trainer.train()
 
 
-def test_resume_from_checkpoint_starts_at_saved_step(tmp_path, caplog):
-    first = ContraSimCallback(probe=64, schedule=2, log_dir=tmp_path / "tb1", measures=["cka"])
-    trainer = make_trainer(tmp_path, first, max_steps=4, accumulation=1)
+def _saving_trainer(tmp_path, callback, max_steps):
+    trainer = make_trainer(tmp_path, callback, max_steps=max_steps, accumulation=1)
     trainer.args.save_strategy = "steps"
     trainer.args.save_steps = 2
-    trainer.train()
-    checkpoint = tmp_path / "out" / "checkpoint-2"
-    assert checkpoint.is_dir()
+    return trainer
 
-    resumed = ContraSimCallback(probe=64, schedule=2, log_dir=tmp_path / "tb2", measures=["cka"])
-    trainer = make_trainer(tmp_path, resumed, max_steps=4, accumulation=1)
-    with caplog.at_level("WARNING", logger="contrasim_monitor.integrations.transformers"):
-        trainer.train(resume_from_checkpoint=str(checkpoint))
-    assert [r.step for r in resumed.monitor.results] == [2, 4]
-    assert any("resumes at step 2" in r.getMessage() for r in caplog.records)
+
+def test_resume_continues_series(tmp_path):
+    log_dir = tmp_path / "tb"
+    first = ContraSimCallback(probe=64, schedule=2, log_dir=log_dir, contrasim=FAST_CONTRASIM)
+    _saving_trainer(tmp_path, first, max_steps=6).train()
+    uninterrupted = {r.step: r for r in first.monitor.results}
+    assert sorted(uninterrupted) == [0, 2, 4, 6]
+    saved = json.loads((tmp_path / "out" / "checkpoint-4" / "contrasim_monitor.json").read_text())
+    assert saved["log_dir"] == str(log_dir)
+
+    resumed = ContraSimCallback(probe=64, schedule=2, contrasim=FAST_CONTRASIM)
+    trainer = _saving_trainer(tmp_path, resumed, max_steps=6)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+
+    assert resumed.log_dir == str(log_dir)
+    (last,) = resumed.monitor.results
+    assert last.step == 6
+    assert last.previous_step == 4
+    assert last.history_steps == [0, 2, 4, 6]
+    # The resumed run compares with the stored step-0 capture, so its numbers match the uninterrupted run's.
+    np.testing.assert_allclose(last.vs_init["cka"], uninterrupted[6].vs_init["cka"], atol=1e-3)
+    assert last.vs_init["cka"][-1] < 0.999
+
+    records = [json.loads(line) for line in (log_dir / "contrasim.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4, 6]
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("cka/vs_init/bert.encoder.layer.2")]
+    assert steps == [0, 2, 4, 6]
+
+    from contrasim_monitor.store import SnapshotStore
+
+    assert SnapshotStore.open(log_dir / "snapshots").steps() == [0, 2, 4, 6]
+
+
+def test_fresh_run_rejects_used_store(tmp_path):
+    log_dir = tmp_path / "tb"
+    make_trainer(
+        tmp_path, ContraSimCallback(probe=64, schedule=2, log_dir=log_dir, measures=["cka"]), max_steps=2
+    ).train()
+    again = make_trainer(
+        tmp_path, ContraSimCallback(probe=64, schedule=2, log_dir=log_dir, measures=["cka"]), max_steps=2
+    )
+    with pytest.raises(ValueError, match="already holds captures"):
+        again.train()
+
+
+def test_store_disabled_writes_no_snapshots(tmp_path):
+    log_dir = tmp_path / "tb"
+    callback = ContraSimCallback(probe=64, schedule=2, log_dir=log_dir, measures=["cka"], store_dir=False)
+    make_trainer(tmp_path, callback, max_steps=2, accumulation=1).train()
+    assert not (log_dir / "snapshots").exists()
