@@ -200,7 +200,7 @@ def pool_tokens(
     Args:
         hidden: Activations of shape ``(N, T, D)``, or ``(N, D)`` which is returned as it is (in float32).
         attention_mask: ``(N, T)`` with 1 for real tokens and 0 for padding, or None when there is no padding.
-        method: ``"mean"`` over non-padding tokens, ``"first"`` token, ``"last"`` non-padding token (works for
+        method: ``"mean"`` over non-padding tokens, ``"first"`` or ``"last"`` non-padding token (both work for
             left and right padding), or ``"sample"``: the token positions given in ``positions``.
         positions: ``(N, K)`` token indices for ``"sample"``, from :func:`sample_positions`.
 
@@ -223,7 +223,7 @@ def pool_tokens(
             f"{tuple(hidden.shape)}; the layer's output is not (examples, tokens, width) for this batch."
         )
     hidden = hidden.float()
-    if method == "first":
+    if method == "first" and attention_mask is None:
         return hidden[:, 0]
     if method == "sample":
         if positions is None:
@@ -236,10 +236,12 @@ def pool_tokens(
     if method == "mean":
         counts = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
         return (hidden * mask.unsqueeze(-1)).sum(dim=1) / counts
-    if method == "last":
+    if method in ("first", "last"):
+        # argmax returns the first maximum, so the weights pick the first or the last non-padding token.
         positions = torch.arange(mask.shape[1], device=hidden.device, dtype=hidden.dtype)
-        last = (mask * (positions + 1)).argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        weights = mask * (mask.shape[1] - positions) if method == "first" else mask * (positions + 1)
+        chosen = weights.argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), chosen]
     raise ValueError(f"`pooling` must be one of {POOLING_METHODS}, got {method!r}.")
 
 
@@ -336,15 +338,16 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 
 @contextlib.contextmanager
 def _eval_no_grad(model: nn.Module):
-    """Put the model in eval mode under no_grad, leaving its train/eval mode and the RNG state as they were."""
-    was_training = model.training
+    """Put the model in eval mode under no_grad, restoring every submodule's mode and the RNG state afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
     devices = [device.index for device in {p.device for p in model.parameters()} if device.type == "cuda"]
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         model.eval()
         try:
             yield
         finally:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
 
 
 def capture_activations(

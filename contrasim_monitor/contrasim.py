@@ -424,7 +424,8 @@ class _HeadGroup:
             encoded = self.encode(stacks, rows)
             batch = rows.numel()
             total += (encoded[:, :batch] * encoded[:, batch:]).sum(dim=-1).sum(dim=1, dtype=torch.float64)
-        return total / num_rows
+        # Unit vectors in float32 can give a cosine a few 1e-9 above 1; a similarity stays within [-1, 1].
+        return (total / num_rows).clamp(-1.0, 1.0)
 
 
 class _OffDiagonalLogSumExp(torch.autograd.Function):

@@ -93,6 +93,7 @@ class Monitor:
         sinks: Sequence | None = None,
         store: SnapshotStore | None = None,
         resume_step: int | None = None,
+        writer=None,
     ) -> None:
         """Resolve the layers, check the probe set and open the sinks; every configuration error raises here.
 
@@ -106,11 +107,17 @@ class Monitor:
             resume_step: The optimizer step a resumed run starts from. The series continues from the store's
                 captures up to this step, later ones (an abandoned continuation) are dropped, and TensorBoard
                 hides events from this step on in earlier event files.
+            writer: An existing ``SummaryWriter`` writing into ``log_dir`` (such as the Trainer's own) to use
+                instead of a new event file.
 
         Raises:
             ValueError: For layer names that match nothing, a probe set too small for the ContraSim split, or a
                 store written with a different probe set.
         """
+        self.close()
+        self.results = []
+        self.enabled = True
+        self._consecutive_failures = 0
         self.layers = resolve_layers(model, self.layer_patterns)
         probe.restrict_to_model(model)
         self.tracker.check_probe_size(len(probe))
@@ -138,9 +145,14 @@ class Monitor:
         if sinks is not None:
             self.sinks = list(sinks)
         elif log_dir is not None:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            purge_step = resume_step + 1 if resume_step is not None else None
-            self.sinks = [TensorBoardSink(log_dir, self.tracker.measures, purge_step=purge_step), jsonl]
+            try:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                purge_step = resume_step + 1 if resume_step is not None and writer is None else None
+                tensorboard = TensorBoardSink(log_dir, self.tracker.measures, writer=writer, purge_step=purge_step)
+                self.sinks = [tensorboard, jsonl]
+            except OSError as error:
+                # An unwritable folder must not stop training: the results stay available in `results`.
+                logger.error("Cannot write to log folder %s (%s); similarities are not logged.", log_dir, error)
         if store is not None:
             self.sinks.append(SnapshotSink(store, fingerprint))
         logger.info(
@@ -212,6 +224,9 @@ class Monitor:
                 )
             return None
         self._consecutive_failures = 0
+        if self.results:
+            # Only the newest result keeps the history matrix, which grows with every capture.
+            self.results[-1].vs_init_history = {}
         self.results.append(result)
         self._write(result)
         return result

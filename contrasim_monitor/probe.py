@@ -18,14 +18,20 @@ LABEL_KEYS = ("labels", "label", "label_ids", "start_positions", "end_positions"
 
 
 def forward_argument_names(model: nn.Module) -> set[str] | None:
-    """Return the keyword names ``model.forward`` accepts, or None when it takes ``**kwargs``."""
+    """Return the named arguments of ``model.forward``, or None when its signature cannot be read.
+
+    Extra ``**kwargs`` are not counted, as in the Trainer's own column filtering: many transformers 5 models
+    take ``**kwargs``, and raw dataset columns such as ``text`` must still be dropped.
+    """
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
         return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
-        return None
-    return set(signature.parameters)
+    return {
+        name
+        for name, parameter in signature.parameters.items()
+        if parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
 
 
 def draw_examples(dataset: Any, num_examples: int, seed: int) -> list[Any]:
@@ -49,8 +55,8 @@ class ProbeSet:
 
     Args:
         examples: Tokenized examples, each a mapping such as ``{"input_ids": [...], "attention_mask": [...]}``.
-            Label keys are dropped, and so are keys that ``model.forward`` does not accept once
-            :meth:`restrict_to_model` is called.
+            Keys that ``model.forward`` does not name are dropped by :meth:`restrict_to_model`. Label keys reach
+            the collator (some need them to pad) but are removed from the collated batches.
         collate_fn: Turns a list of examples into a batch dict (for example the Trainer's data collator, which
             pads). Defaults to padding ``input_ids`` and ``attention_mask`` with 0 when lengths differ.
         batch_size: Examples per probe forward pass.
@@ -71,7 +77,7 @@ class ProbeSet:
                     f"Probe example {index} is a {type(example).__name__}; expected a mapping of tokenized fields "
                     "such as {'input_ids': [...], 'attention_mask': [...]}."
                 )
-        self.examples = [{k: v for k, v in example.items() if k not in LABEL_KEYS} for example in examples]
+        self.examples = [dict(example) for example in examples]
         self.collate_fn = collate_fn or _pad_collate
         self.batch_size = batch_size
         self._batches: list[dict[str, Any]] | None = None
@@ -80,10 +86,11 @@ class ProbeSet:
         return len(self.examples)
 
     def restrict_to_model(self, model: nn.Module) -> None:
-        """Drop fields that ``model.forward`` does not take, such as raw text columns."""
+        """Drop fields that ``model.forward`` does not name, such as raw text columns; labels stay for the collator."""
         names = forward_argument_names(model)
         if names is not None:
-            self.examples = [{k: v for k, v in example.items() if k in names} for example in self.examples]
+            keep = names | set(LABEL_KEYS)
+            self.examples = [{k: v for k, v in example.items() if k in keep} for example in self.examples]
         self._batches = None
 
     def shard(self, start: int, stop: int) -> ProbeSet:
@@ -103,10 +110,10 @@ class ProbeSet:
         yield from self._batches
 
     def fingerprint(self) -> str:
-        """Return a SHA-256 of the examples' token content, identical wherever the same probe set is built."""
+        """Return a SHA-256 of the examples' model inputs (labels excluded), the same wherever it is built."""
         digest = hashlib.sha256()
         for example in self.examples:
-            for key in sorted(example):
+            for key in sorted(k for k in example if k not in LABEL_KEYS):
                 digest.update(key.encode())
                 value = example[key]
                 array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)

@@ -22,7 +22,8 @@ class CaptureResult:
         vs_previous: Per measure, an ``(L,)`` vector against the previous capture; empty at the first capture.
         previous_step: Step of the previous capture, or None at the first capture.
         history_steps: Steps of every capture so far, this one last.
-        vs_init_history: Per measure, an ``(L, K)`` matrix: column k is ``vs_init`` at ``history_steps[k]``.
+        vs_init_history: Per measure, an ``(L, K)`` matrix: column k is ``vs_init`` at ``history_steps[k]``. The
+            monitor keeps it in its newest result only.
         unusable_layers: Layers whose activations contained NaN or inf or were the same for every example;
             their entries are NaN.
         timings: Seconds spent in each phase of the capture.

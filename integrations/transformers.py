@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -113,7 +112,9 @@ class ContraSimCallback(TrainerCallback):
             self.tracker, layers=layers, pooling=pooling, tokens_per_example=tokens_per_example, seed=seed
         )
         self.probe = probe
-        self.log_dir = None if log_dir is None else str(log_dir)
+        self._log_dir_argument = None if log_dir is None else str(log_dir)
+        #: The TensorBoard folder of the current or last run, known once training starts.
+        self.log_dir: str | None = None
         self.probe_batch_size = probe_batch_size
         self.seed = seed
         self.data_collator = data_collator
@@ -124,49 +125,41 @@ class ContraSimCallback(TrainerCallback):
         _validate_store_arguments(snapshot_dtype, max_snapshots)
         self.snapshot_dtype = snapshot_dtype
         self.max_snapshots = max_snapshots
-        self._train_start_time: float | None = None
         self._active_store_dir: str | None = None
+        self._schedule_failed = False
 
     # Trainer events
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._train_start_time = time.time()
         self.tracker.reset()
-        self.monitor.results = []
-        self.monitor.enabled = True
+        self._schedule_failed = False
         trainer, checkpoint_dir = _calling_trainer()
         probe = self._build_probe(args, kwargs, trainer)
 
         resume_step = state.global_step if state.global_step > 0 else None
         saved = _read_saved_state(checkpoint_dir, args.output_dir, resume_step) if resume_step else {}
+        is_main = state.is_world_process_zero
         log_dir = None
-        if state.is_world_process_zero:
-            log_dir = self.log_dir or saved.get("log_dir") or self._trainer_log_dir(args)
-            self.log_dir = log_dir
-        store_dir = self._resolve_store_dir(saved, log_dir)
-        store = None
-        if store_dir is not None:
-            from contrasim_monitor.store import SnapshotStore
-
-            exists = (Path(store_dir) / "index.json").exists()
-            if state.is_world_process_zero:
-                store = SnapshotStore(store_dir, self.snapshot_dtype, max_snapshots=self.max_snapshots)
-                if resume_step is None and store.steps():
-                    raise ValueError(
-                        f"The snapshot store {store_dir} already holds captures at steps {store.steps()[:5]}... of "
-                        "another run. Resume that run from its checkpoint, pass another `store_dir=` (or `log_dir=`), "
-                        "or delete the folder."
-                    )
-            elif resume_step is not None and exists:
-                store = SnapshotStore.open(store_dir)
-        self._active_store_dir = store_dir
+        writer = None
+        if is_main:
+            trainer_writer = _trainer_tensorboard_writer(trainer)
+            log_dir = self._log_dir_argument or saved.get("log_dir")
+            if log_dir is None and trainer_writer is not None:
+                # Write through the Trainer's own writer: one event file, read correctly by every TensorBoard loader.
+                writer = trainer_writer
+                log_dir = writer.log_dir
+            elif log_dir is None:
+                log_dir = self._new_log_dir(args)
+            self.log_dir = str(log_dir)
+        store = self._open_store(saved, self.log_dir if is_main else None, is_main, resume_step)
         self.monitor.start(
             model,
             probe,
-            log_dir,
-            is_main_process=state.is_world_process_zero,
+            self.log_dir if is_main else None,
+            is_main_process=is_main,
             store=store,
             resume_step=resume_step,
+            writer=writer,
         )
         if resume_step is not None and self.monitor.last_step is None:
             # NOTE: no stored captures to continue from, so "initial" means the weights this run resumed from.
@@ -177,7 +170,11 @@ class ContraSimCallback(TrainerCallback):
             )
         if self.monitor.last_step != state.global_step:
             # Strict: a configuration that cannot capture stops the run before its first step.
-            self.monitor.capture(model, state.global_step, strict=True)
+            try:
+                self.monitor.capture(model, state.global_step, strict=True)
+            except Exception:
+                self.monitor.close()
+                raise
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -194,28 +191,71 @@ class ContraSimCallback(TrainerCallback):
             )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.schedule(state.global_step) and self.monitor.last_step != state.global_step:
-            self.monitor.capture(model, state.global_step)
+        step = state.global_step
+        if self.monitor.last_step == step:
+            return
+        # The last step is captured here, before the Trainer may reload the best checkpoint at the end.
+        last = step >= state.max_steps > 0 or control.should_training_stop
+        if last or self._scheduled(step):
+            self.monitor.capture(model, step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         try:
             last_step = self.monitor.last_step
-            if last_step is None or state.global_step > last_step:
-                self.monitor.capture(model, state.global_step)
+            if last_step is not None and state.global_step > last_step:
+                if args.load_best_model_at_end:
+                    logger.warning(
+                        "No final capture at step %d: the Trainer has reloaded the best checkpoint, so the model no "
+                        "longer holds the weights of that step.",
+                        state.global_step,
+                    )
+                else:
+                    self.monitor.capture(model, state.global_step)
         finally:
             self.monitor.close()
 
+    def _scheduled(self, step: int) -> bool:
+        """Call the user's schedule; a schedule that raises is reported once and then treated as False."""
+        if self._schedule_failed:
+            return False
+        try:
+            return bool(self.schedule(step))
+        except Exception:
+            self._schedule_failed = True
+            logger.exception(
+                "The capture schedule raised at step %d; scheduled captures stop, training continues.", step
+            )
+            return False
+
     # Helpers
 
-    def _resolve_store_dir(self, saved: dict, log_dir: str | None) -> str | None:
-        if self.store_dir is False:
+    def _open_store(self, saved: dict, log_dir: str | None, is_main: bool, resume_step: int | None):
+        """Open the snapshot store; the main process creates it, the others open it only to resume."""
+        store_dir = None
+        if self.store_dir is not False:
+            if self.store_dir is not None:
+                store_dir = str(self.store_dir)
+            elif saved.get("store_dir"):
+                store_dir = saved["store_dir"]
+            elif log_dir is not None:
+                # Inside the run's TensorBoard folder, which is new for each run unless set explicitly.
+                store_dir = str(Path(log_dir) / "snapshots")
+        self._active_store_dir = store_dir
+        if store_dir is None:
             return None
-        if self.store_dir is not None:
-            return str(self.store_dir)
-        if saved.get("store_dir"):
-            return saved["store_dir"]
-        # Inside the run's TensorBoard folder, which is new for each run unless set explicitly.
-        return str(Path(log_dir) / "snapshots") if log_dir is not None else None
+
+        from contrasim_monitor.store import SnapshotStore
+
+        if not is_main:
+            exists = (Path(store_dir) / "index.json").exists()
+            return SnapshotStore.open(store_dir) if resume_step is not None and exists else None
+        store = SnapshotStore(store_dir, self.snapshot_dtype, max_snapshots=self.max_snapshots)
+        if resume_step is None and store.steps():
+            raise ValueError(
+                f"The snapshot store {store_dir} already holds captures at steps {store.steps()[:5]} of another run. "
+                "Resume that run from its checkpoint, pass another `store_dir=` (or `log_dir=`), or delete the folder."
+            )
+        return store
 
     def _build_probe(self, args, kwargs, trainer) -> ProbeSet:
         collate_fn = self.data_collator
@@ -233,7 +273,10 @@ class ContraSimCallback(TrainerCallback):
         if trainer is not None and trainer.eval_dataset is not None:
             source = trainer.eval_dataset
             if isinstance(source, dict):  # several named eval sets: draw from the first
-                source = next(iter(source.values()))
+                name, source = next(iter(source.items()))
+                logger.info(
+                    "The probe set is drawn from the eval set %r, the first of %d.", name, len(trainer.eval_dataset)
+                )
         elif kwargs.get("eval_dataloader") is not None:
             source = kwargs["eval_dataloader"].dataset
         if source is None:
@@ -251,28 +294,17 @@ class ContraSimCallback(TrainerCallback):
         examples = draw_examples(source, self.probe, self.seed)
         return ProbeSet(examples, collate_fn=collate_fn, batch_size=batch_size)
 
-    def _trainer_log_dir(self, args) -> str:
-        """Return the folder the Trainer's TensorBoard callback writes to, so the charts sit beside its losses.
-
-        transformers 5 takes ``TENSORBOARD_LOGGING_DIR`` or ``<output_dir>/runs/<time>_<host>``, the latter
-        created by its TensorBoard callback at the start of training; transformers 4 has ``args.logging_dir``.
-        """
+    def _new_log_dir(self, args) -> str:
+        """Return a new run folder where the Trainer would put one: ``TENSORBOARD_LOGGING_DIR``, ``logging_dir``
+        (transformers 4), or ``<output_dir>/runs/<time>_<host>`` (transformers 5)."""
         environment_dir = os.environ.get("TENSORBOARD_LOGGING_DIR")
         if environment_dir:
             return os.path.expanduser(environment_dir)
         logging_dir = getattr(args, "logging_dir", None)
         if logging_dir:
             return str(logging_dir)
-        runs = Path(args.output_dir) / "runs"
-        if runs.is_dir() and self._train_start_time is not None:
-            # The TensorBoard callback runs its on_train_begin before this one and creates its folder then.
-            recent = [
-                path for path in runs.iterdir() if path.is_dir() and path.stat().st_mtime >= self._train_start_time - 5
-            ]
-            if recent:
-                return str(max(recent, key=lambda path: path.stat().st_mtime))
         stamp = datetime.now().strftime("%b%d_%H-%M-%S")
-        return str(runs / f"{stamp}_{socket.gethostname()}")
+        return str(Path(args.output_dir) / "runs" / f"{stamp}_{socket.gethostname()}")
 
 
 def _calling_trainer():
@@ -298,6 +330,16 @@ def _calling_trainer():
                 checkpoint = str(value)
         frame = frame.f_back
     return trainer, checkpoint
+
+
+def _trainer_tensorboard_writer(trainer):
+    """Return the SummaryWriter of the Trainer's TensorBoard callback, or None when it has none."""
+    if trainer is None:
+        return None
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback" and getattr(callback, "tb_writer", None) is not None:
+            return callback.tb_writer
+    return None
 
 
 def _read_saved_state(checkpoint_dir: str | None, output_dir: str, step: int) -> dict:

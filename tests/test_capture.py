@@ -209,3 +209,29 @@ def test_sample_positions_stay_on_real_tokens():
         assert bool(mask[row, positions[row]].all())
     # Five real tokens and four draws: no position repeats.
     assert len(set(positions[1].tolist())) == 4
+
+
+def test_first_pooling_skips_left_padding():
+    hidden = torch.randn(2, 5, 4)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    pooled = pool_tokens(hidden, mask, "first")
+    torch.testing.assert_close(pooled[0], hidden[0, 2])
+    torch.testing.assert_close(pooled[1], hidden[1, 0])
+
+
+def test_capture_restores_submodule_modes():
+    model = small_bert().train()
+    model.embeddings.eval()
+    capture_activations(model, [batch()], resolve_layers(model))
+    assert model.training
+    assert not model.embeddings.training
+    assert model.encoder.training
+
+
+def test_restrict_to_model_drops_raw_columns_despite_kwargs():
+    model = small_bert()
+    probe = ProbeSet([{"input_ids": [1, 2], "text": "hello", "idx": 3, "labels": 1}])
+    probe.restrict_to_model(model)
+    assert set(probe.examples[0]) == {"input_ids", "labels"}
+    (collated,) = list(probe.batches())
+    assert set(collated) == {"input_ids", "attention_mask"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +171,7 @@ def test_no_hooks_remain_when_training_raises(tmp_path):
     assert steps == [0, 1, 2]
 
 
-def test_default_log_dir_is_trainer_tensorboard_dir(tmp_path, monkeypatch):
+def test_default_writes_through_trainer_writer(tmp_path, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     callback = ContraSimCallback(probe=64, schedule=2, measures=["cka"])
     make_trainer(tmp_path, callback, max_steps=2, accumulation=1, report_to=["tensorboard"]).train()
@@ -178,9 +179,66 @@ def test_default_log_dir_is_trainer_tensorboard_dir(tmp_path, monkeypatch):
     run_dirs = list((tmp_path / "out" / "runs").iterdir())
     assert len(run_dirs) == 1
     assert Path(callback.log_dir) == run_dirs[0]
-    trainer_events = [p for p in run_dirs[0].glob("events.out.tfevents.*") if not p.name.endswith(".contrasim")]
-    assert trainer_events, "the Trainer's own event file should be in the same folder"
-    assert "cka/vs_init/embeddings" in load_events(run_dirs[0]).Tags()["scalars"]
+    # One event file holds the Trainer's losses and the monitor's charts, so every TensorBoard loader reads both.
+    assert len(list(run_dirs[0].glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(run_dirs[0]), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    assert "cka/vs_init/embeddings" in events.Tags()["scalars"]
+    assert "cka/cross_layer" in events.Tags()["images"]
+    assert [e.step for e in events.Scalars("cka/vs_init/embeddings")] == [0, 2]
+
+
+def test_runs_without_tensorboard_callback_get_separate_folders(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    first = ContraSimCallback(probe=64, schedule=2, measures=["cka"])
+    make_trainer(tmp_path, first, max_steps=2, accumulation=1).train()
+    time.sleep(1.1)  # run folders are named by the second
+    second = ContraSimCallback(probe=64, schedule=2, measures=["cka"])
+    make_trainer(tmp_path, second, max_steps=2, accumulation=1).train()
+    assert first.log_dir != second.log_dir
+    for callback in (first, second):
+        steps = [json.loads(line)["step"] for line in (Path(callback.log_dir) / "contrasim.jsonl").open()]
+        assert steps == [0, 2]
+
+
+def test_callback_reused_for_second_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    callback = ContraSimCallback(probe=64, schedule=2, measures=["cka"])
+    trainer = make_trainer(tmp_path, callback, max_steps=2, accumulation=1)
+    trainer.train()
+    first_dir = callback.log_dir
+    time.sleep(1.1)
+    trainer.train()
+    assert callback.log_dir != first_dir
+    assert [r.step for r in callback.monitor.results] == [0, 2]
+
+
+def test_final_capture_before_best_model_reload(tmp_path):
+    callback = ContraSimCallback(probe=64, schedule=10, log_dir=tmp_path / "tb", measures=["cka"])
+    trainer = make_trainer(tmp_path, callback, max_steps=4, accumulation=1)
+    trainer.args.eval_strategy = "steps"
+    trainer.args.eval_steps = 2
+    trainer.args.save_strategy = "steps"
+    trainer.args.save_steps = 2
+    trainer.args.load_best_model_at_end = True
+    trainer.args.metric_for_best_model = "loss"
+    trainer.train()
+    # The step-4 capture is taken at the last step, before the Trainer reloads the best checkpoint.
+    assert [r.step for r in callback.monitor.results] == [0, 4]
+
+
+def test_raising_schedule_stops_captures_not_training(tmp_path, caplog):
+    def schedule(step: int) -> bool:
+        if step == 2:
+            raise ZeroDivisionError("bad schedule")
+        return True
+
+    callback = ContraSimCallback(probe=64, schedule=schedule, log_dir=tmp_path / "tb", measures=["cka"])
+    with caplog.at_level("ERROR", logger="contrasim_monitor.integrations.transformers"):
+        make_trainer(tmp_path, callback, max_steps=4, accumulation=1).train()
+    assert [r.step for r in callback.monitor.results] == [0, 1, 4]
+    assert sum("schedule raised" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_tensorboard_env_var_sets_log_dir(tmp_path, monkeypatch):
