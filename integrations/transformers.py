@@ -66,9 +66,10 @@ class ContraSimCallback(TrainerCallback):
         max_snapshots: Snapshots kept in the store; the first and newest always stay and the rest are thinned
             evenly over the steps. None keeps all.
 
-    A run resumed from a Trainer checkpoint continues the same series: the checkpoint folder records where the
-    store and the TensorBoard folder are (``contrasim_monitor.json``), the store's captures up to the resumed
-    step become the initial and previous captures, and later ones from the abandoned continuation are dropped.
+    A run resumed from a Trainer checkpoint continues the same series. Each checkpoint folder records where the
+    store and the TensorBoard folder are (``contrasim_monitor.json``). On resume, the store's captures up to the
+    resumed step become the initial and previous captures, and later ones from the abandoned continuation are
+    dropped.
 
     Raises:
         ValueError, TypeError: On invalid arguments, when the callback is built. Layer names that match
@@ -104,6 +105,10 @@ class ContraSimCallback(TrainerCallback):
             isinstance(probe_batch_size, bool) or not isinstance(probe_batch_size, int) or probe_batch_size <= 0
         ):
             raise ValueError(f"`probe_batch_size` must be a positive integer or None, got {probe_batch_size!r}.")
+        if store_dir is not None and not isinstance(store_dir, (str, os.PathLike, bool)) or store_dir is True:
+            raise TypeError(f"`store_dir` must be a folder path, None for the default, or False, got {store_dir!r}.")
+        _validate_store_arguments(snapshot_dtype, max_snapshots)
+
         self.schedule = resolve_schedule(schedule)
         self.tracker = SimilarityTracker(measures, contrasim, held_out_fraction, seed)
         if not isinstance(probe, int):
@@ -111,6 +116,7 @@ class ContraSimCallback(TrainerCallback):
         self.monitor = Monitor(
             self.tracker, layers=layers, pooling=pooling, tokens_per_example=tokens_per_example, seed=seed
         )
+
         self.probe = probe
         self._log_dir_argument = None if log_dir is None else str(log_dir)
         #: The TensorBoard folder of the current or last run, known once training starts.
@@ -118,11 +124,8 @@ class ContraSimCallback(TrainerCallback):
         self.probe_batch_size = probe_batch_size
         self.seed = seed
         self.data_collator = data_collator
-        if store_dir is not None and not isinstance(store_dir, (str, os.PathLike, bool)) or store_dir is True:
-            raise TypeError(f"`store_dir` must be a folder path, None for the default, or False, got {store_dir!r}.")
+        # The store itself is opened at the start of training, when its folder is known.
         self.store_dir = store_dir
-        # Checked now so that a typo fails before training; the store itself is opened at the start of training.
-        _validate_store_arguments(snapshot_dtype, max_snapshots)
         self.snapshot_dtype = snapshot_dtype
         self.max_snapshots = max_snapshots
         self._active_store_dir: str | None = None
