@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import POOLING_METHODS, LayerSpec, capture_activations, model_device, resolve_layers
+from .capture import (
+    POOLING_METHODS,
+    LayerSpec,
+    capture_activations,
+    model_device,
+    resolve_layers,
+    unwrap_model,
+)
 from .distributed import all_succeeded, gather_rows, shard_bounds, world
 from .probe import ProbeSet
 from .result import CaptureResult
@@ -119,7 +126,8 @@ class Monitor:
         self.enabled = True
         self._consecutive_failures = 0
         self.layers = resolve_layers(model, self.layer_patterns)
-        probe.restrict_to_model(model)
+        # The wrapper's forward (DDP's takes *inputs, **kwargs) names no fields; the user's module does.
+        probe.restrict_to_model(unwrap_model(model))
         self.tracker.check_probe_size(len(probe))
         self.probe = probe
         # Each process runs its contiguous share of the probe set; the shares are gathered at every capture.

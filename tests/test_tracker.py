@@ -193,3 +193,24 @@ def test_sampled_rows_split_by_example():
     test_examples = {row // 4 for row in test}
     assert not train_examples & test_examples
     assert len(test_examples) == 16
+
+
+def test_monitor_keeps_probe_fields_of_wrapped_model(tmp_path):
+    import os
+
+    import torch.distributed as dist
+
+    from contrasim_monitor.capture import unwrap_model
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(_Flaky())
+        monitor = Monitor(SimilarityTracker(measures=["cka"]), layers=["blocks.*"])
+        monitor.start(model, _probe(), None)
+        assert set(monitor.probe.examples[0]) == {"x"}
+        assert monitor.capture(model, 0, strict=True) is not None
+        assert unwrap_model(model) is model.module
+    finally:
+        dist.destroy_process_group()
