@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints-ci.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	# torch first and pinned, so that nothing pulls a CUDA build as a dependency.
-	$(PYTHON) -m pip install -q -c constraints-ci.txt torch
+	# torch first and pinned, so that no dependency asks for a newer one. Which build pip takes depends on the
+	# machine: where a local CPU wheel is configured (as on CI) that one, elsewhere PyPI's default build, which
+	# includes CUDA on Linux. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu asks for the CPU build.
+	$(PYTHON) -m pip install -q -c constraints-ci.txt $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) torch
 	$(PYTHON) -m pip install -q -c constraints-ci.txt -e ".[examples,dev]"
 	touch $(STAMP)
 
@@ -27,6 +29,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PYTHON) benchmarks/bench_measures.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

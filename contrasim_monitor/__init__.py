@@ -1,7 +1,8 @@
 """contrasim-monitor: watch a model's internal representations form while it trains.
 
-The core needs only torch and numpy; the Trainer and Accelerate adapters live in
-``contrasim_monitor.integrations`` and import their frameworks when they are imported.
+The core needs torch, numpy, safetensors, tensorboard and matplotlib, never transformers or accelerate. The
+Trainer and Accelerate adapters live in ``contrasim_monitor.integrations`` and import their frameworks when they
+are imported.
 """
 
 from .capture import LayerSpec, capture_activations, resolve_layers

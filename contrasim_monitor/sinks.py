@@ -81,7 +81,7 @@ class TensorBoardSink:
             image = render_heatmap(history, labels, columns, f"{measure}: each layer vs initial model, by step")
             self.writer.add_image(f"{measure}/vs_init_history", image, step, dataformats="HWC")
 
-        self.writer.add_text("contrasim/summary", _summary_markdown(result), step)
+        self.writer.add_text("similarity/summary", _summary_markdown(result), step)
         self.writer.flush()
 
     def close(self) -> None:

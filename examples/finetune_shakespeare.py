@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 # No model hub is needed: the checkpoint ships inside a package. Set before transformers is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,6 +84,12 @@ def format_final_table(result) -> str:
     for index, layer in enumerate(result.layers):
         lines.append(f"{layer:<{width}}  " + "  ".join(f"{result.vs_init[m][index]:>16.3f}" for m in measures))
     return "\n".join(lines)
+
+
+def tensorboard_command() -> str:
+    """Return the ``tensorboard`` executable beside this Python, which is on PATH only in an active venv."""
+    beside = Path(sys.executable).parent / "tensorboard"
+    return str(beside) if beside.exists() else "tensorboard"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         f"of the {elapsed:.0f} s run."
     )
     print(f"Finished in {elapsed / 60:.1f} min. Open the dashboard with:")
-    print(f"  tensorboard --logdir {callback.log_dir}")
+    print(f"  {tensorboard_command()} --logdir {Path(callback.log_dir).resolve()}")
     return 0
 
 

@@ -48,8 +48,8 @@ class ContraSimCallback(TrainerCallback):
             when there is none), a dataset of tokenized examples, or a list of tokenized example dicts.
         schedule: A positive integer n (capture every n optimizer steps), a callable from step to bool, or None
             for log-spaced captures (about 4 per power of ten of the step count).
-        layers: Module names or ``fnmatch`` patterns, or None for the embeddings output and every transformer
-            block.
+        layers: Module names or glob patterns (``*`` matches within one dotted part, ``**`` across parts), or
+            None for the embeddings output and every transformer block.
         log_dir: TensorBoard folder; by default the folder the Trainer's TensorBoard callback writes to.
         measures: Any of ``"contrasim"`` and ``"cka"``.
         pooling: ``"mean"`` over non-padding tokens, ``"first"`` token, ``"last"`` non-padding token, or
@@ -267,6 +267,11 @@ class ContraSimCallback(TrainerCallback):
         if collate_fn is None and kwargs.get("train_dataloader") is not None:
             collate_fn = kwargs["train_dataloader"].collate_fn
         batch_size = self.probe_batch_size or args.per_device_eval_batch_size
+        if type(collate_fn).__name__ == "DataCollatorForLanguageModeling" and getattr(collate_fn, "mlm", False):
+            # Masking the probe would change its tokens; pad it instead.
+            from transformers import DataCollatorWithPadding
+
+            collate_fn = DataCollatorWithPadding(collate_fn.tokenizer)
 
         if not isinstance(self.probe, int):
             examples = [self.probe[i] for i in range(len(self.probe))]

