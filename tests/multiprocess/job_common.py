@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import BertConfig, BertForSequenceClassification
 
 import contrasim_monitor.monitor
+
+# The shared tiny models live one folder up, in tests/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_models import tiny_bert, token_dataset  # noqa: E402, F401 (tiny_bert is used by the job scripts)
+
 from contrasim_monitor.contrasim import ContraSimConfig
 from contrasim_monitor.result import CaptureResult
 from contrasim_monitor.tracker import SimilarityTracker
@@ -28,31 +32,6 @@ SCHEDULE = 2
 MAX_STEPS = 4
 EXPECTED_STEPS = [0, 2, 4]
 FAST_CONTRASIM = ContraSimConfig(hidden_dims=(32,), out_dim=16, epochs=5)
-
-
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config)
-
-
-def token_dataset(size: int, seed: int = 0) -> list[dict]:
-    """Build variable-length random sequences, labelled by whether token 5 occurs so there is something to learn."""
-    rng = np.random.default_rng(seed)
-    examples = []
-    for _ in range(size):
-        length = int(rng.integers(6, 16))
-        ids = rng.integers(1, 64, size=length).tolist()
-        examples.append({"input_ids": ids, "attention_mask": [1] * length, "labels": int(5 in ids)})
-    return examples
 
 
 def probe_examples() -> list[dict]:
