@@ -27,7 +27,7 @@ class CaptureResult:
         unusable_layers: Layers whose activations contained NaN or inf or were the same for every example;
             their entries are NaN.
         timings: Seconds spent in each phase of the capture.
-        activations: Layer name to the gathered activations ``(N, D)``, for sinks that store them; the monitor
+        activations: Layer name to the gathered activations ``(N, D)``, for sinks that store them. The monitor
             drops them once every sink has written, so that its list of results stays small.
     """
 

@@ -31,7 +31,7 @@ class TensorBoardSink:
         log_dir: Folder of a new event file; the Trainer's own run folder places these charts beside its losses.
         measures: Measure names, used for the custom-scalars layout.
         writer: An existing ``SummaryWriter`` (for example Accelerate's TensorBoard tracker) to write through
-            instead of a new event file; it is flushed but not closed by :meth:`close`.
+            instead of a new event file. :meth:`close` flushes it but leaves closing it to its owner.
         write_scalars: Also write the per-layer scalars; False when another sink (such as Accelerate's trackers)
             logs them, so that this one adds only the heatmaps and the text summary.
         purge_step: When resuming, the first step of the resumed run: TensorBoard hides events at this step and

@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 # No model hub is needed: the checkpoint ships inside a package. Set before transformers is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
+from contrasim_monitor.examples.run_summary import print_run_summary
 from contrasim_monitor.examples.shakespeare_data import GENRES, balanced_split, load_speeches
 
 from contrasim_monitor.contrasim import ContraSimConfig
@@ -84,12 +84,6 @@ def format_final_table(result) -> str:
     for index, layer in enumerate(result.layers):
         lines.append(f"{layer:<{width}}  " + "  ".join(f"{result.vs_init[m][index]:>16.3f}" for m in measures))
     return "\n".join(lines)
-
-
-def tensorboard_command() -> str:
-    """Return the ``tensorboard`` executable beside this Python, which is on PATH only in an active venv."""
-    beside = Path(sys.executable).parent / "tensorboard"
-    return str(beside) if beside.exists() else "tensorboard"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,18 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     results = callback.monitor.results
     final = results[-1]
     elapsed = time.perf_counter() - started
-    monitor_seconds = sum(sum(r.timings.values()) for r in results)
     print()
     print(f"Eval accuracy {metrics['eval_accuracy']:.3f} over {len(GENRES)} genres (chance {1 / len(GENRES):.3f}).")
     print(f"Similarity of each layer at step {final.step} to the initial model:")
     print(format_final_table(final))
     print()
-    print(
-        f"{len(results)} captures at steps {[r.step for r in results]} took {monitor_seconds:.0f} s "
-        f"of the {elapsed:.0f} s run."
-    )
-    print(f"Finished in {elapsed / 60:.1f} min. Open the dashboard with:")
-    print(f"  {tensorboard_command()} --logdir {Path(callback.log_dir).resolve()}")
+    print_run_summary(results, elapsed, callback.log_dir)
     return 0
 
 

@@ -26,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
+from contrasim_monitor.examples.run_summary import print_run_summary
 from contrasim_monitor.examples.shakespeare_data import load_speeches
 
 from contrasim_monitor.contrasim import ContraSimConfig
@@ -315,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
 
     results = monitor.results
     elapsed = time.perf_counter() - started
-    monitor_seconds = sum(sum(result.timings.values()) for result in results)
     if accelerator.is_main_process:
         print()
         print(f"Similarity of each layer at step {results[-1].step} to the initial model, and when it settled:")
@@ -325,12 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         for measure in results[-1].vs_init:
             print("  " + format_settling_order(results, measure, args.threshold))
         print()
-        print(
-            f"{len(results)} captures at steps {[result.step for result in results]} took {monitor_seconds:.0f} s "
-            f"of the {elapsed:.0f} s run."
-        )
-        print(f"Finished in {elapsed / 60:.1f} min. Open the dashboard with:")
-        print(f"  tensorboard --logdir {monitor.log_dir}")
+        print_run_summary(results, elapsed, monitor.log_dir)
     return 0
 
 

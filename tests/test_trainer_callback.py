@@ -142,7 +142,7 @@ def test_default_writes_through_trainer_writer(tmp_path, monkeypatch):
     run_dirs = list((tmp_path / "out" / "runs").iterdir())
     assert len(run_dirs) == 1
     assert Path(callback.log_dir) == run_dirs[0]
-    # One event file holds the Trainer's losses and the monitor's charts, so every TensorBoard loader reads both.
+    # One event file contains the Trainer's losses and the monitor's charts, so every TensorBoard loader reads both.
     assert len(list(run_dirs[0].glob("events.out.tfevents.*"))) == 1
     events = EventAccumulator(str(run_dirs[0]), size_guidance={"scalars": 0, "images": 0})
     events.Reload()

@@ -19,7 +19,7 @@ import contrasim_monitor.monitor
 
 # The shared tiny models live one folder up, in tests/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import tiny_bert, token_dataset  # noqa: E402, F401 (tiny_bert is used by the job scripts)
+from tiny_models import pad_collate, tiny_bert, token_dataset  # noqa: E402, F401 (the job scripts use them)
 
 from contrasim_monitor.contrasim import ContraSimConfig
 from contrasim_monitor.result import CaptureResult
@@ -36,19 +36,6 @@ FAST_CONTRASIM = ContraSimConfig(hidden_dims=(32,), out_dim=16, epochs=5)
 
 def probe_examples() -> list[dict]:
     return token_dataset(PROBE_SIZE, seed=2)
-
-
-def pad_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-    width = max(len(e["input_ids"]) for e in examples)
-    batch = {
-        "input_ids": torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in examples]),
-        "attention_mask": torch.tensor(
-            [e["attention_mask"] + [0] * (width - len(e["attention_mask"])) for e in examples]
-        ),
-    }
-    if "labels" in examples[0]:
-        batch["labels"] = torch.tensor([e["labels"] for e in examples])
-    return batch
 
 
 def check_world_size() -> tuple[int, int]:
