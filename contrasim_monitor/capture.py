@@ -61,6 +61,37 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def has_sharded_parameters(model: nn.Module) -> bool:
+    """Return True if FSDP shards the model's parameters, so that every forward pass is a collective call.
+
+    Both FSDP versions are matched by class name (``FullyShardedDataParallel`` wrappers, and modules that
+    ``fully_shard`` turned into ``FSDPModule`` subclasses), so that torch.distributed.fsdp is not imported where
+    it is unused.
+    """
+    for module in model.modules():
+        class_names = {cls.__name__ for cls in type(module).__mro__}
+        if "FullyShardedDataParallel" in class_names or "FSDPModule" in class_names:
+            return True
+    return False
+
+
+def forward_module(model: nn.Module) -> nn.Module:
+    """Return the module to run the probe through: the user's module, but an FSDP (version 1) wrapper stays.
+
+    DDP, DataParallel and ``torch.compile`` wrappers are removed, so that no wrapper synchronises buffers or
+    compiles for the probe. The FSDP wrapper gathers the sharded parameters in its forward pass, without which
+    the module inside has none.
+    """
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif _is_parallel_wrapper(model) and type(model).__name__ != "FullyShardedDataParallel":
+            model = model.module
+    return model
+
+
 def _is_parallel_wrapper(model: nn.Module) -> bool:
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return True
@@ -189,6 +220,31 @@ def _first_tensor(output: Any) -> torch.Tensor:
     raise CaptureError(f"Cannot take activations from a module output of type {type(output).__name__}.")
 
 
+def _unpack_nested(hidden: torch.Tensor, attention_mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    """Scatter a nested tensor of non-padding tokens back to ``(examples, tokens, width)``, zeros at padding.
+
+    In eval mode under no_grad, ``nn.TransformerEncoder`` (with ``enable_nested_tensor=True``, its default) packs
+    the non-padding tokens of each example into a nested tensor and passes that between its layers. Its
+    components hold the tokens where the padding mask is False, in order, which are the positions where
+    ``attention_mask`` is 1 when the model derives its padding mask from it.
+    """
+    parts = hidden.unbind()
+    if attention_mask is None:
+        raise CaptureError(
+            f"Layer {name!r} output a nested tensor, but the probe batch has no attention_mask to place its tokens."
+        )
+    valid = attention_mask.bool()
+    lengths = valid.sum(dim=1).tolist()
+    if len(parts) != valid.shape[0] or [part.shape[0] for part in parts] != lengths:
+        raise CaptureError(
+            f"Layer {name!r} output a nested tensor with token counts {[part.shape[0] for part in parts]}, but the "
+            f"probe batch's attention_mask has {lengths} non-padding tokens per example."
+        )
+    dense = torch.zeros(*valid.shape, parts[0].shape[-1], dtype=parts[0].dtype, device=parts[0].device)
+    dense[valid.to(dense.device)] = torch.cat(parts)
+    return dense
+
+
 def pool_tokens(
     hidden: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -307,6 +363,8 @@ class _Recorder:
     def _record(self, name: str, output: Any) -> None:
         self.calls[name] += 1
         hidden = _first_tensor(output).detach()
+        if hidden.is_nested:
+            hidden = _unpack_nested(hidden, self.attention_mask, name)
         self.pooled[name].append(pool_tokens(hidden, self.attention_mask, self.pooling, self.positions))
 
     def check_batch(self, batch_index: int) -> None:
@@ -366,7 +424,8 @@ def capture_activations(
 
     Args:
         model: The model, possibly wrapped; the forward pass goes through the unwrapped module so that no
-            wrapper synchronises across processes.
+            wrapper synchronises across processes, except that an FSDP wrapper is kept (see
+            :func:`forward_module`). With FSDP every process must run the same batches.
         batches: Keyword-argument dicts for ``model(**batch)``; an ``attention_mask`` entry marks padding.
         layers: The layers to hook, from :func:`resolve_layers`.
         pooling: One of :data:`POOLING_METHODS`.
@@ -383,8 +442,8 @@ def capture_activations(
     """
     if pooling not in POOLING_METHODS:
         raise ValueError(f"`pooling` must be one of {POOLING_METHODS}, got {pooling!r}.")
-    module = unwrap_model(model)
-    device = model_device(module)
+    module = forward_module(model)
+    device = model_device(unwrap_model(model))
     recorder = _Recorder(layers, pooling)
     handles = []
     example_index = first_example_index

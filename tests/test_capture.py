@@ -235,3 +235,50 @@ def test_restrict_to_model_drops_raw_columns_despite_kwargs():
     assert set(probe.examples[0]) == {"input_ids", "labels"}
     (collated,) = list(probe.batches())
     assert set(collated) == {"input_ids", "attention_mask"}
+
+
+class TorchEncoder(nn.Module):
+    """A model built on nn.TransformerEncoder, whose eval-mode fast path packs tokens into nested tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 32)
+        layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 3)  # enable_nested_tensor=True, the default
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(self.embed(input_ids), src_key_padding_mask=attention_mask == 0)
+
+
+def torch_encoder_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[0, 6:] = 0
+    mask[1, 2:] = 0
+    return {"input_ids": torch.randint(1, 50, (4, 9), generator=generator), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first", "last", "sample"])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_nested_tensor_fast_path_matches_slow_path(pooling):
+    model = TorchEncoder().eval()
+    layers = resolve_layers(model)
+    assert [spec.name for spec in layers] == ["embeddings", "encoder.layers.0", "encoder.layers.1", "encoder.layers.2"]
+    fast = capture_activations(model, [torch_encoder_batch()], layers, pooling, tokens_per_example=3)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        slow = capture_activations(model, [torch_encoder_batch()], layers, pooling, tokens_per_example=3)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    for name in slow:
+        torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_hook_skipped_by_fused_attention_raises():
+    # nn.MultiheadAttention reads out_proj's weights directly, so a hook on out_proj never runs.
+    model = TorchEncoder().eval()
+    layers = resolve_layers(model, ["encoder.layers.0.self_attn.out_proj"])
+    with pytest.raises(CaptureError, match="forward hook did\\s+not run"):
+        capture_activations(model, [torch_encoder_batch()], layers)
