@@ -32,9 +32,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=120, help="Optimizer steps per training run.")
     parser.add_argument("--repeats", type=int, default=2, help="Runs of each variant; the median counts.")
     parser.add_argument("--batch-size", type=int, default=32, help="Training batch size.")
-    parser.add_argument("--probe-size", type=int, default=512, help="Probe examples.")
+    parser.add_argument("--preset", default="light", help="Monitor preset: light (the default), standard, thorough.")
+    parser.add_argument("--probe-size", type=int, default=None, help="Probe examples; default: the preset's.")
     parser.add_argument(
-        "--schedule", type=int, default=None, help="Capture every this many steps; default: the callback's default."
+        "--schedule", type=int, default=None, help="Capture every this many steps; default: the preset's schedule."
+    )
+    parser.add_argument(
+        "--budget",
+        default="auto",
+        help="Fraction of training time the monitor may spend, 'none', or 'auto' (the preset's unless --schedule).",
     )
     parser.add_argument(
         "--measures", default="contrasim,cka", help="Comma-separated measures: contrasim, cka, or both."
@@ -69,9 +75,12 @@ def run_once(args, tokenizer, model_path, train_dataset, eval_dataset, monitored
     callbacks = []
     callback = None
     if monitored:
+        budget = args.budget if args.budget == "auto" else None if args.budget == "none" else float(args.budget)
         callback = ContraSimCallback(
             probe=args.probe_size,
             schedule=args.schedule,
+            preset=args.preset,
+            budget=budget,
             measures=tuple(args.measures.split(",")),
             log_dir=os.path.join(args.output_dir, f"run{index}", "tb"),
         )
@@ -103,6 +112,7 @@ def main() -> int:
 
     times: dict[bool, list[float]] = {False: [], True: []}
     captures = []
+    budget_state = None
     index = 0
     for repeat in range(args.repeats):
         order = (False, True) if repeat % 2 == 0 else (True, False)
@@ -114,13 +124,29 @@ def main() -> int:
             print(f"repeat {repeat}  {label}  {seconds:7.1f} s", flush=True)
             if callback is not None:
                 captures = callback.monitor.results
+                budget = callback.monitor.budget
+                budget_state = None
+                if budget is not None:
+                    budget_state = {
+                        "skipped": list(budget.skipped_steps),
+                        "spent": budget.spent,
+                        "trained": budget.training_seconds,
+                    }
 
     print()
+    with_heads = [r.step for r in captures if "contrasim" in r.vs_init]
     print(f"captures per monitored run: {len(captures)} at steps {[r.step for r in captures]}")
-    print("seconds per capture (median over the last monitored run):")
+    print(f"  with ContraSim heads at steps {with_heads}")
+    if budget_state is not None:
+        print(f"  skipped by the budget at steps {budget_state['skipped']}")
+        print(f"  monitor time {budget_state['spent']:.1f} s of {budget_state['trained']:.1f} s trained")
+    print("seconds per capture (median over the captures of the last monitored run that ran each phase):")
     for phase in PHASES:
-        values = [r.timings.get(phase, 0.0) for r in captures]
-        print(f"  {phase:<14} {statistics.median(values):7.2f}   (total {sum(values):7.1f})")
+        values = [r.timings[phase] for r in captures if phase in r.timings]
+        if values:
+            print(
+                f"  {phase:<14} {statistics.median(values):7.2f}   (total {sum(values):7.1f}, {len(values)} captures)"
+            )
     without = statistics.median(times[False])
     with_monitor = statistics.median(times[True])
     print(f"median wall time: without {without:.1f} s, with {with_monitor:.1f} s")

@@ -51,6 +51,16 @@ def all_succeeded(succeeded: bool) -> bool:
     return bool(flag.item())
 
 
+def agree_on_minimum(value: int) -> int:
+    """Return the minimum of ``value`` over all processes, on every process."""
+    _, world_size = world()
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def gather_rows(
     local: dict[str, torch.Tensor], num_examples: int, rows_per_example: int = 1
 ) -> dict[str, torch.Tensor]:

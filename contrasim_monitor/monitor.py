@@ -17,20 +17,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from .budget import CaptureBudget, CaptureLevel
 from .capture import (
     POOLING_METHODS,
     LayerSpec,
     capture_activations,
+    has_sharded_parameters,
     model_device,
     resolve_layers,
     unwrap_model,
 )
-from .distributed import all_succeeded, gather_rows, shard_bounds, world
+from .distributed import agree_on_minimum, all_succeeded, gather_rows, shard_bounds, world
+from .presets import validate_budget
 from .probe import ProbeSet
 from .result import CaptureResult
 from .sinks import JsonLinesSink, SnapshotSink, TensorBoardSink
 from .store import SnapshotStore
-from .tracker import SimilarityTracker
+from .tracker import CLOSED_FORM_MEASURES, SimilarityTracker
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,10 @@ class Monitor:
         tokens_per_example: Positions drawn per example with ``pooling="sample"``.
         seed: Seed of the positions drawn with ``pooling="sample"``.
         max_consecutive_failures: Captures that may fail in a row before monitoring stops.
+        budget: Fraction of the training wall time the monitor may spend, or None for no limit. Under a budget,
+            a capture whose estimated cost does not fit in what is left is taken with the closed-form measures
+            only, or skipped; the initial capture has no ContraSim heads, and a final capture (``final=True``)
+            always runs, at least with the closed-form measures. Every process takes the same decision.
     """
 
     def __init__(
@@ -59,6 +66,7 @@ class Monitor:
         max_consecutive_failures: int = 3,
         tokens_per_example: int = 8,
         seed: int = 0,
+        budget: float | None = None,
     ) -> None:
         if pooling not in POOLING_METHODS:
             raise ValueError(f"`pooling` must be one of {POOLING_METHODS}, got {pooling!r}.")
@@ -77,6 +85,10 @@ class Monitor:
         self.seed = seed
         self.tracker.rows_per_example = tokens_per_example if pooling == "sample" else 1
         self.max_consecutive_failures = max_consecutive_failures
+        fraction = validate_budget(budget)
+        self.budget = None if fraction is None else CaptureBudget(fraction)
+        self._closed_form_seconds: float | None = None
+        self._budget_reported = False
 
         self.layers: list[LayerSpec] | None = None
         self.probe: ProbeSet | None = None
@@ -84,6 +96,7 @@ class Monitor:
         self.results: list[CaptureResult] = []
         self._local_probe: ProbeSet | None = None
         self._shard_start = 0
+        self._replicated = False
         self.enabled = True
         self._consecutive_failures = 0
 
@@ -125,15 +138,25 @@ class Monitor:
         self.results = []
         self.enabled = True
         self._consecutive_failures = 0
+        self._closed_form_seconds = None
+        self._budget_reported = False
+        if self.budget is not None:
+            self.budget.start()
         self.layers = resolve_layers(model, self.layer_patterns)
         # The wrapper's forward (DDP's takes *inputs, **kwargs) names no fields; the user's module does.
         probe.restrict_to_model(unwrap_model(model))
         self.tracker.check_probe_size(len(probe))
         self.probe = probe
         # Each process runs its contiguous share of the probe set; the shares are gathered at every capture.
+        # Under FSDP each forward pass is collective, so every process must run the same batches: each runs the
+        # whole probe set and nothing is gathered.
         rank, world_size = world()
-        self._shard_start, shard_stop = shard_bounds(len(probe), rank, world_size)
-        self._local_probe = probe.shard(self._shard_start, shard_stop) if world_size > 1 else probe
+        self._replicated = world_size > 1 and has_sharded_parameters(model)
+        if world_size > 1 and not self._replicated:
+            self._shard_start, shard_stop = shard_bounds(len(probe), rank, world_size)
+            self._local_probe = probe.shard(self._shard_start, shard_stop)
+        else:
+            self._shard_start, self._local_probe = 0, probe
         fingerprint = probe.fingerprint()
         if store is not None and store.fingerprint is not None:
             store.check_fingerprint(fingerprint)
@@ -187,19 +210,26 @@ class Monitor:
             steps[-1],
         )
 
-    def capture(self, model: nn.Module, step: int, strict: bool = False) -> CaptureResult | None:
-        """Capture at ``step`` and write the result; return None if the capture failed or monitoring is off.
+    def capture(self, model: nn.Module, step: int, strict: bool = False, final: bool = False) -> CaptureResult | None:
+        """Capture at ``step`` and write the result; return None if the capture failed, was skipped or monitoring
+        is off.
 
         Args:
             model: The model being trained.
             step: The optimizer step the capture belongs to.
             strict: Raise errors instead of logging them; used for the initial capture, so that a broken
                 configuration stops the run before training starts.
+            final: This is the last capture of the run; under a budget it is taken at least with the closed-form
+                measures.
         """
         if not self.enabled:
             return None
         if self.layers is None or self.probe is None:
             raise RuntimeError("Monitor.capture() called before Monitor.start().")
+        measures = self._planned_measures(step, final)
+        if measures is None:
+            return None
+        started = time.perf_counter()
         result = None
         error: Exception | None = None
         try:
@@ -209,13 +239,14 @@ class Monitor:
         # Collective: every process takes part, also one whose own capture failed, so that none waits alone.
         if all_succeeded(error is None):
             try:
-                result = self._compare(step, activations, forward_seconds)
+                result = self._compare(step, activations, forward_seconds, measures)
             except Exception as caught:
                 error = caught
         elif error is None:
             error = RuntimeError(f"The similarity capture at step {step} failed on another process.")
 
         if error is not None:
+            self._charge(time.perf_counter() - started)
             if strict:
                 raise error
             self._consecutive_failures += 1
@@ -237,7 +268,73 @@ class Monitor:
             self.results[-1].vs_init_history = {}
         self.results.append(result)
         self._write(result)
+        self._closed_form_seconds = sum(
+            result.timings.get(name, 0.0) for name in ("probe_forward", "logging", *CLOSED_FORM_MEASURES)
+        )
+        self._charge(time.perf_counter() - started)
+        if self.budget is not None and self.tracker.seconds_per_head is None:
+            self._calibrate()
         return result
+
+    def _planned_measures(self, step: int, final: bool) -> tuple[str, ...] | None:
+        """Choose the measures of the capture at ``step`` within the budget, the same on every process.
+
+        Returns:
+            The measures to compute, or None to skip the capture.
+        """
+        measures = self.tracker.measures
+        closed_form = tuple(m for m in measures if m in CLOSED_FORM_MEASURES)
+        if self.budget is None:
+            return measures
+        if self.tracker.initial is None:
+            # The initial capture is the reference of every later comparison, so it always runs, and its
+            # layer x layer ContraSim heads are left out to keep it cheap.
+            return closed_form
+        contrasim_seconds = self.tracker.estimate_contrasim_seconds()
+        closed_form_seconds = self._closed_form_seconds or 0.0
+        if contrasim_seconds is None:
+            contrasim_seconds = 0.0 if "contrasim" not in measures else float("inf")
+        level = self.budget.plan(closed_form_seconds, closed_form_seconds + contrasim_seconds, final=final)
+        level = agree_on_minimum(level)
+        if level == CaptureLevel.FULL or (final and not closed_form):
+            return measures
+        if level == CaptureLevel.CLOSED_FORM and closed_form:
+            if closed_form != measures:
+                self.budget.closed_form_steps.append(step)
+                if len(self.budget.closed_form_steps) == 1:
+                    logger.info(
+                        "Took the capture at step %d without ContraSim heads to keep the monitor within %.0f%% of "
+                        "the training time; later ones are counted and reported when monitoring stops.",
+                        step,
+                        100 * self.budget.fraction,
+                    )
+            return closed_form
+        self.budget.skipped_steps.append(step)
+        if len(self.budget.skipped_steps) == 1:
+            logger.info(
+                "Skipped the scheduled capture at step %d to keep the monitor within %.0f%% of the training time; "
+                "later skips are counted and reported when monitoring stops. Pass budget=None to capture at "
+                "every scheduled step.",
+                step,
+                100 * self.budget.fraction,
+            )
+        return None
+
+    def _calibrate(self) -> None:
+        """Time one small ContraSim fit on the newest capture, so the budget can estimate the cost of heads."""
+        previous = self.tracker.previous
+        if previous is None:
+            return
+        start = time.perf_counter()
+        try:
+            self.tracker.calibrate_contrasim(dict(zip(self.tracker.layers, previous.tensors)))
+        except Exception as error:  # only the estimate is lost; the budget then keeps ContraSim off
+            logger.warning("Timing a ContraSim head for the budget failed (%s); ContraSim heads stay off.", error)
+        self._charge(time.perf_counter() - start)
+
+    def _charge(self, seconds: float) -> None:
+        if self.budget is not None:
+            self.budget.charge(seconds)
 
     def _capture_local(self, model: nn.Module) -> tuple[dict, float]:
         start = time.perf_counter()
@@ -252,9 +349,13 @@ class Monitor:
         )
         return activations, time.perf_counter() - start
 
-    def _compare(self, step: int, local_activations: dict, forward_seconds: float) -> CaptureResult:
-        activations = gather_rows(local_activations, len(self.probe), self.tracker.rows_per_example)
-        result = self.tracker.update(step, activations)
+    def _compare(
+        self, step: int, local_activations: dict, forward_seconds: float, measures: tuple[str, ...]
+    ) -> CaptureResult:
+        activations = local_activations
+        if not self._replicated:
+            activations = gather_rows(local_activations, len(self.probe), self.tracker.rows_per_example)
+        result = self.tracker.update(step, activations, measures)
         result.timings["probe_forward"] = forward_seconds
         result.activations = activations
         return result
@@ -278,6 +379,18 @@ class Monitor:
         result.timings["logging"] = time.perf_counter() - start
 
     def close(self) -> None:
+        budget = self.budget
+        if budget is not None and (budget.skipped_steps or budget.closed_form_steps) and not self._budget_reported:
+            self._budget_reported = True
+            logger.info(
+                "Within the budget of %.0f%% of training time (%.1f s spent of %.1f s trained), %d scheduled "
+                "capture(s) were skipped and %d were taken without ContraSim heads.",
+                100 * budget.fraction,
+                budget.spent,
+                budget.training_seconds,
+                len(budget.skipped_steps),
+                len(budget.closed_form_steps),
+            )
         for sink in self.sinks:
             try:
                 sink.close()

@@ -6,6 +6,7 @@ framework: the Trainer callback and the Accelerate monitor feed it and hand its 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .contrasim import ContraSimConfig, contrasim_pairs
+from .distributed import all_succeeded, gather_rows, shard_bounds, world
 from .measures import linear_cka, linear_cka_matrix
 from .result import CaptureResult
 
@@ -23,6 +25,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["MEASURES", "MIN_HELD_OUT_EXAMPLES", "MIN_TRAIN_EXAMPLES", "SimilarityTracker"]
 
 MEASURES = ("contrasim", "cka")
+#: Measures computed in closed form, cheap next to the probe forward pass; the others train heads.
+CLOSED_FORM_MEASURES = ("cka",)
 #: The smallest ContraSim split that gives a score worth logging: the contrastive loss needs enough
 #: negatives, and the held-out mean cosine needs enough examples to be stable to about +-0.02.
 MIN_TRAIN_EXAMPLES = 32
@@ -126,6 +130,8 @@ class SimilarityTracker:
         self._train_index: torch.Tensor | None = None
         self._test_index: torch.Tensor | None = None
         self._reported_unusable: set[str] = set()
+        #: Wall seconds per ContraSim head trained by this process at the last capture with heads, or None.
+        self.seconds_per_head: float | None = None
 
     def restore(
         self,
@@ -179,14 +185,19 @@ class SimilarityTracker:
         if "contrasim" in self.measures:
             split_probe(num_examples, self.held_out_fraction, self.seed)
 
-    def update(self, step: int, activations: Mapping[str, torch.Tensor]) -> CaptureResult:
+    def update(
+        self, step: int, activations: Mapping[str, torch.Tensor], measures: Sequence[str] | None = None
+    ) -> CaptureResult:
         """Compare this capture's activations with the initial and previous ones, then remember them.
 
         Args:
             step: The optimizer step of this capture; must increase from call to call.
             activations: Layer name to pooled activations ``(N, D)``, the same layers and probe examples at
                 every call.
+            measures: The subset of this tracker's measures to compute at this capture, None for all. The
+                others are absent from the result, and their ``vs_init_history`` column for this step is NaN.
         """
+        measures = self.measures if measures is None else tuple(m for m in self.measures if m in measures)
         layers = list(activations)
         if self.layers is None:
             num_rows = len(next(iter(activations.values())))
@@ -212,7 +223,7 @@ class SimilarityTracker:
         cross_layer: dict[str, np.ndarray] = {}
         vs_init: dict[str, np.ndarray] = {}
         vs_previous: dict[str, np.ndarray] = {}
-        for measure in self.measures:
+        for measure in measures:
             start = time.perf_counter()
             compute = self._cka if measure == "cka" else self._contrasim
             cross_layer[measure], vs_init[measure], previous_values = compute(current, initial, self.previous)
@@ -222,7 +233,7 @@ class SimilarityTracker:
 
         self.history_steps.append(step)
         for measure in self.measures:
-            self.vs_init_history[measure].append(vs_init[measure])
+            self.vs_init_history[measure].append(vs_init.get(measure, np.full(len(layers), np.nan)))
         result = CaptureResult(
             step=step,
             layers=layers,
@@ -308,8 +319,11 @@ class SimilarityTracker:
 
         scores: list[float] = []
         if pairs:
-            config = self.contrasim_config
-            scores = contrasim_pairs(features, pairs, self._train_index, self._test_index, config=config).tolist()
+            start = time.perf_counter()
+            scores = self._fit_heads(features, pairs).tolist()
+            local_heads = _local_head_count(len(pairs))
+            if local_heads:
+                self.seconds_per_head = (time.perf_counter() - start) / local_heads
 
         cross = np.full((size, size), np.nan)
         vs_init = np.full(size, np.nan)
@@ -331,3 +345,78 @@ class SimilarityTracker:
         if previous_is_initial:
             vs_previous = vs_init.copy()
         return cross, vs_init, vs_previous
+
+    def _fit_heads(self, features: list[torch.Tensor], pairs: list[tuple[int, int]]) -> torch.Tensor:
+        """Train and score the ContraSim heads of ``pairs``, split over the processes when there are several.
+
+        Each process trains a contiguous share of the heads with the seeds those heads have in a single-process
+        fit (``seed + head index``), and the scores are gathered in head order, so every process returns the
+        same scores as one process would, up to float32 rounding.
+        """
+        config = self.contrasim_config
+        rank, world_size = world()
+        if world_size == 1:
+            return contrasim_pairs(features, pairs, self._train_index, self._test_index, config=config)
+        start, stop = shard_bounds(len(pairs), rank, world_size)
+        local = torch.empty(0, dtype=torch.float64)
+        error: Exception | None = None
+        if stop > start:
+            share_config = dataclasses.replace(
+                config, seed=config.seed + start, shuffle_seed=config.resolved_shuffle_seed
+            )
+            try:
+                local = contrasim_pairs(
+                    features, pairs[start:stop], self._train_index, self._test_index, config=share_config
+                )
+            except Exception as caught:  # joins the collective below, so that no process waits alone
+                error = caught
+        if not all_succeeded(error is None):
+            raise error or RuntimeError("Training the ContraSim heads failed on another process.")
+        device = features[0].device
+        gathered = gather_rows({"scores": local.to(device).unsqueeze(1)}, len(pairs))["scores"]
+        return gathered.squeeze(1).cpu()
+
+    def estimate_contrasim_seconds(self) -> float | None:
+        """Estimate the wall seconds of the next capture's ContraSim heads on this process; None if unknown.
+
+        The estimate scales the cost per head of the last capture with heads to the number of heads the next
+        capture trains (the layer x layer triangle and one head per layer against the initial and the previous
+        capture), of which this process trains its share.
+        """
+        if "contrasim" not in self.measures or self.layers is None or self.seconds_per_head is None:
+            return None
+        size = len(self.layers)
+        heads = size * (size - 1) // 2 + 2 * size
+        return self.seconds_per_head * _local_head_count(heads)
+
+    def calibrate_contrasim(self, activations: Mapping[str, torch.Tensor], epochs: int = 2) -> None:
+        """Time the heads of a full capture for a few epochs on ``activations`` to set ``seconds_per_head``.
+
+        It fits this process's share of the heads a full capture trains (the layer x layer triangle and two heads
+        per layer), with every view taken from ``activations``, for ``epochs`` epochs, and scales the time to the
+        configured epochs. The fixed cost of a fit is scaled too, so the estimate errs on the high side. Does
+        nothing when ContraSim is not measured or fewer than two layers are finite.
+        """
+        if "contrasim" not in self.measures or self._train_index is None:
+            return
+        usable = [tensor.float() for tensor in activations.values() if bool(torch.isfinite(tensor).all())]
+        size = len(usable)
+        if size < 2:
+            return
+        pairs = [(i, j) for i in range(size) for j in range(i + 1, size)]
+        pairs += [(i, size + i) for i in range(size)] + [(i, 2 * size + i) for i in range(size)]
+        rank, world_size = world()
+        start, stop = shard_bounds(len(pairs), rank, world_size)
+        epochs = min(epochs, self.contrasim_config.epochs)
+        config = dataclasses.replace(self.contrasim_config, epochs=epochs)
+        started = time.perf_counter()
+        contrasim_pairs(usable * 3, pairs[start:stop], self._train_index, self._test_index, config=config)
+        seconds = time.perf_counter() - started
+        self.seconds_per_head = seconds * self.contrasim_config.epochs / epochs / max(stop - start, 1)
+
+
+def _local_head_count(num_heads: int) -> int:
+    """Return how many of ``num_heads`` heads this process trains."""
+    rank, world_size = world()
+    start, stop = shard_bounds(num_heads, rank, world_size)
+    return stop - start

@@ -24,13 +24,14 @@ from typing import Any
 from accelerate import Accelerator
 from torch import nn
 
-from contrasim_monitor.capture import resolve_layers, unwrap_model
+from contrasim_monitor.capture import resolve_layers
 from contrasim_monitor.contrasim import ContraSimConfig
 from contrasim_monitor.distributed import all_succeeded
 from contrasim_monitor.monitor import Monitor
+from contrasim_monitor.presets import DEFAULT_PRESET, resolve_preset
 from contrasim_monitor.probe import ProbeSet
 from contrasim_monitor.result import CaptureResult
-from contrasim_monitor.schedule import Schedule, resolve_schedule
+from contrasim_monitor.schedule import Schedule
 from contrasim_monitor.sinks import JsonLinesSink, TensorBoardSink, scalar_tags
 from contrasim_monitor.tracker import MEASURES, SimilarityTracker
 
@@ -70,7 +71,7 @@ class SimilarityMonitor:
         probe: Probe examples: a list of tokenized example dicts, an indexable dataset of them, or a
             :class:`~contrasim_monitor.probe.ProbeSet`. Label keys are dropped.
         schedule: A positive integer n (capture every n optimizer steps), a callable from optimizer step to
-            bool, or None for log-spaced captures (steps 1, 2, 3, 6, 10, 18, 32, 56, 100, ...).
+            bool, or None for the preset's log-spaced schedule.
         layers: Module names or glob patterns, or None for the embeddings output and every transformer block.
         measures: Any of ``"contrasim"`` and ``"cka"``.
         pooling: ``"mean"`` over non-padding tokens, ``"first"`` token, or ``"last"`` non-padding token.
@@ -81,6 +82,12 @@ class SimilarityMonitor:
         seed: Seed of the ContraSim train/held-out split of the probe set.
         collate_fn: Collates a list of probe examples into a batch dict; by default sequence fields are
             right-padded with 0 and ``attention_mask`` marks the padding. Not allowed with a ProbeSet.
+        preset: ``"light"`` (monitor time capped at 3% of training time), ``"standard"`` (10%) or
+            ``"thorough"`` (no cap, twice as many captures); see :mod:`contrasim_monitor.presets`. The probe set is
+            always the one given.
+        budget: Fraction of the training wall time the monitor may spend, None for no cap, or ``"auto"``: the
+            preset's cap when ``schedule`` is None, and no cap when you pass a schedule. Under a cap, a
+            scheduled capture that would overspend is taken without ContraSim heads or skipped.
         log_dir: Folder for ``contrasim.jsonl``, and for a TensorBoard event file when no TensorBoard tracker is
             in use. None writes into the TensorBoard tracker's folder, or writes no files without that tracker.
 
@@ -103,6 +110,8 @@ class SimilarityMonitor:
         seed: int = 0,
         collate_fn: Callable[[list[dict[str, Any]]], Mapping[str, Any]] | None = None,
         log_dir: str | os.PathLike | None = None,
+        preset: str = DEFAULT_PRESET,
+        budget: float | str | None = "auto",
     ) -> None:
         if not isinstance(accelerator, Accelerator):
             raise TypeError(f"`accelerator` must be an accelerate.Accelerator, got {type(accelerator).__name__}.")
@@ -112,18 +121,18 @@ class SimilarityMonitor:
             raise TypeError(f"`seed` must be an integer, got {type(seed).__name__} {seed!r}.")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"`log_dir` must be a folder path or None, got {type(log_dir).__name__} {log_dir!r}.")
-        self.schedule = resolve_schedule(schedule)
+        _, self.schedule, budget = resolve_preset(preset, schedule, budget)
         self.tracker = SimilarityTracker(measures, contrasim, held_out_fraction, seed)
         probe_set = _build_probe(probe, probe_batch_size, collate_fn)
         self.tracker.check_probe_size(len(probe_set))
-        self.monitor = Monitor(self.tracker, layers=layers, pooling=pooling)
+        self.monitor = Monitor(self.tracker, layers=layers, pooling=pooling, budget=budget)
         # Layer names that match nothing raise here too, before the main process creates any file.
         resolve_layers(model, self.monitor.layer_patterns)
 
         self.accelerator = accelerator
-        # The module inside DDP, FSDP or torch.compile wrappers: its forward signature names the probe fields to
-        # keep, while a wrapper's forward(*inputs, **kwargs) names none.
-        self.model = unwrap_model(model)
+        # The prepared model, wrappers included: the monitor unwraps it for the probe fields and the hooks, and
+        # keeps an FSDP wrapper for the forward pass, because that wrapper gathers the sharded parameters.
+        self.model = model
         self.optimizer_step = 0
         self.log_dir: str | None = None
         self._closed = False
@@ -192,7 +201,7 @@ class SimilarityMonitor:
         try:
             last_step = self.monitor.last_step
             if last_step is None or self.optimizer_step > last_step:
-                return self.monitor.capture(self.model, self.optimizer_step)
+                return self.monitor.capture(self.model, self.optimizer_step, final=True)
             return None
         finally:
             self.close()

@@ -23,8 +23,9 @@ from transformers import TrainerCallback
 
 from contrasim_monitor.contrasim import ContraSimConfig
 from contrasim_monitor.monitor import Monitor
+from contrasim_monitor.presets import DEFAULT_PRESET, resolve_preset
 from contrasim_monitor.probe import ProbeSet, draw_examples
-from contrasim_monitor.schedule import Schedule, resolve_schedule
+from contrasim_monitor.schedule import Schedule
 from contrasim_monitor.tracker import MEASURES, SimilarityTracker
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,16 @@ class ContraSimCallback(TrainerCallback):
 
     Args:
         probe: The probe set: a number of examples to draw (seeded) from the Trainer's eval set (the train set
-            when there is none), a dataset of tokenized examples, or a list of tokenized example dicts.
+            when there is none), a dataset of tokenized examples, or a list of tokenized example dicts. None
+            draws the preset's number of examples.
         schedule: A positive integer n (capture every n optimizer steps), a callable from step to bool, or None
-            for log-spaced captures (about 4 per power of ten of the step count).
+            for the preset's log-spaced schedule.
+        preset: ``"light"`` (256 probe examples, monitor time capped at 3% of training time), ``"standard"``
+            (512, 10%) or ``"thorough"`` (1024, no cap, twice as many captures); see
+            :mod:`contrasim_monitor.presets`.
+        budget: Fraction of the training wall time the monitor may spend, None for no cap, or ``"auto"``: the
+            preset's cap when ``schedule`` is None, and no cap when you pass a schedule. Under a cap, a
+            scheduled capture that would overspend is taken without ContraSim heads or skipped.
         layers: Module names or glob patterns (``*`` matches within one dotted part, ``**`` across parts), or
             None for the embeddings output and every transformer block.
         log_dir: TensorBoard folder; by default the folder the Trainer's TensorBoard callback writes to.
@@ -78,7 +86,7 @@ class ContraSimCallback(TrainerCallback):
 
     def __init__(
         self,
-        probe: int | Sequence[Any] | Any = 512,
+        probe: int | Sequence[Any] | Any | None = None,
         schedule: int | Schedule | None = None,
         layers: Sequence[str] | str | None = None,
         log_dir: str | os.PathLike | None = None,
@@ -93,7 +101,12 @@ class ContraSimCallback(TrainerCallback):
         store_dir: str | os.PathLike | bool | None = None,
         snapshot_dtype: str = "float16",
         max_snapshots: int | None = 64,
+        preset: str = DEFAULT_PRESET,
+        budget: float | str | None = "auto",
     ) -> None:
+        chosen, self.schedule, budget = resolve_preset(preset, schedule, budget)
+        if probe is None:
+            probe = chosen.probe_size
         if isinstance(probe, bool) or (isinstance(probe, int) and probe <= 0):
             raise ValueError(f"`probe` must be a positive number of examples or a dataset, got {probe!r}.")
         if not isinstance(probe, int) and not (hasattr(probe, "__len__") and hasattr(probe, "__getitem__")):
@@ -109,12 +122,16 @@ class ContraSimCallback(TrainerCallback):
             raise TypeError(f"`store_dir` must be a folder path, None for the default, or False, got {store_dir!r}.")
         _validate_store_arguments(snapshot_dtype, max_snapshots)
 
-        self.schedule = resolve_schedule(schedule)
         self.tracker = SimilarityTracker(measures, contrasim, held_out_fraction, seed)
         if not isinstance(probe, int):
             self.tracker.check_probe_size(len(probe))
         self.monitor = Monitor(
-            self.tracker, layers=layers, pooling=pooling, tokens_per_example=tokens_per_example, seed=seed
+            self.tracker,
+            layers=layers,
+            pooling=pooling,
+            tokens_per_example=tokens_per_example,
+            seed=seed,
+            budget=budget,
         )
 
         self.probe = probe
@@ -200,7 +217,7 @@ class ContraSimCallback(TrainerCallback):
         # The last step is captured here, before the Trainer may reload the best checkpoint at the end.
         last = step >= state.max_steps > 0 or control.should_training_stop
         if last or self._scheduled(step):
-            self.monitor.capture(model, step)
+            self.monitor.capture(model, step, final=last)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         try:
@@ -213,7 +230,7 @@ class ContraSimCallback(TrainerCallback):
                         state.global_step,
                     )
                 else:
-                    self.monitor.capture(model, state.global_step)
+                    self.monitor.capture(model, state.global_step, final=True)
         finally:
             self.monitor.close()
 

@@ -41,8 +41,8 @@ def free_loopback_port() -> int:
         return probe_socket.getsockname()[1]
 
 
-def launch_two_processes(script: str, output_dir: Path) -> list[dict]:
-    """Run ``script`` under torchrun with two CPU processes and return both ranks' reports."""
+def launch_two_processes(script: str, output_dir: Path, *arguments: str) -> list[dict]:
+    """Run ``script OUTPUT_DIR ARGUMENTS...`` under torchrun with two CPU processes and return both ranks' reports."""
     command = [
         sys.executable,
         "-m",
@@ -55,6 +55,7 @@ def launch_two_processes(script: str, output_dir: Path) -> list[dict]:
         str(free_loopback_port()),
         str(JOBS_DIR / script),
         str(output_dir),
+        *arguments,
     ]
     environment = {
         **os.environ,
@@ -81,9 +82,9 @@ def replay_single_process(output_dir: Path, steps: list[int]) -> tuple[list[Capt
     activations = {}
     original_update = tracker.update
 
-    def recording_update(step, captured):
+    def recording_update(step, captured, *args, **kwargs):
         activations[step] = {name: rows.clone() for name, rows in captured.items()}
-        return original_update(step, captured)
+        return original_update(step, captured, *args, **kwargs)
 
     tracker.update = recording_update
     for step in steps:
@@ -205,3 +206,72 @@ def test_only_rank_zero_writes(job):
     (jsonl,) = list(output_dir.rglob("contrasim.jsonl"))
     steps = [json.loads(line)["step"] for line in jsonl.read_text().splitlines()]
     assert steps == job_common.EXPECTED_STEPS
+
+
+@pytest.fixture(scope="module")
+def budget_job(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("budget_job") / "run"
+    output_dir.mkdir()
+    return launch_two_processes("budget_job.py", output_dir)
+
+
+def test_budget_plan_agreed_by_both_ranks(budget_job):
+    for report in budget_job:
+        assert report["world_size"] == 2
+        # Rank 1 can afford nothing, so step 1 is skipped on both ranks, even though rank 0 could afford it.
+        assert report["planned"]["1"] is None
+        # A final capture runs on both ranks, with the closed-form measures that every rank can afford.
+        assert report["planned"]["2"] == ["cka"]
+        assert report["steps"] == [0, 2, 3]
+
+
+def test_heads_split_between_ranks(budget_job):
+    rank0, rank1 = budget_job
+    total = rank0["heads_at_full_capture"]
+    # 4 layers: 6 cross-layer heads, 4 against the initial and 4 against the previous capture.
+    assert total == 14
+    assert rank0["heads_trained_at_full_capture"] == [7]
+    assert rank1["heads_trained_at_full_capture"] == [7]
+
+
+def test_split_heads_match_one_process(budget_job):
+    for report in budget_job:
+        np.testing.assert_allclose(report["split_scores"], report["single_process_scores"], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(budget_job[0]["split_scores"], budget_job[1]["split_scores"])
+
+
+@pytest.fixture(scope="module", params=["fsdp1", "fsdp2"])
+def fsdp_job(request, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp(request.param) / "run"
+    output_dir.mkdir()
+    return launch_two_processes("fsdp_job.py", output_dir, request.param)
+
+
+def test_fsdp_captures_whole_probe_on_each_rank(fsdp_job):
+    for report in fsdp_job:
+        assert report["world_size"] == 2
+        assert report["steps"] == [0, 1]
+        # Every forward pass is collective under FSDP, so each rank runs the whole probe set.
+        assert set(report["rows"].values()) == {job_common.PROBE_SIZE}
+    expected_wrapper = {"fsdp1": "FullyShardedDataParallel", "fsdp2": "FSDPBertForSequenceClassification"}
+    assert fsdp_job[0]["wrapper"] == expected_wrapper[fsdp_job[0]["kind"]]
+
+
+def test_fsdp_activations_match_unsharded_model(fsdp_job):
+    for report in fsdp_job:
+        assert report["max_difference_from_unsharded"] < TOLERANCE
+        np.testing.assert_allclose(
+            report["initial"]["cross_layer"]["cka"], report["unsharded_cka"], atol=TOLERANCE, rtol=0
+        )
+
+
+def test_fsdp_ranks_agree_after_training_step(fsdp_job):
+    rank0, rank1 = fsdp_job
+    assert rank0["after_step"] is not None
+    for measure in ("cka", "contrasim"):
+        values0 = measure_values(rank0["after_step"], measure)
+        values1 = measure_values(rank1["after_step"], measure)
+        for comparison, values in values0.items():
+            np.testing.assert_allclose(values1[comparison], values, atol=1e-6, rtol=0, err_msg=comparison)
+    # The training step changed the model, so the capture is not a copy of the initial one.
+    assert min(rank0["after_step"]["vs_init"]["cka"]) < 1.0

@@ -64,11 +64,11 @@ class CaptureRecorder:
         original_update = SimilarityTracker.update
         original_capture = contrasim_monitor.monitor.capture_activations
 
-        def recording_update(tracker, step, activations):
+        def recording_update(tracker, step, activations, *args, **kwargs):
             self.activations[step] = {name: rows.detach().cpu().clone() for name, rows in activations.items()}
             if self.rank == 0:
                 self.weights[step] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-            return original_update(tracker, step, activations)
+            return original_update(tracker, step, activations, *args, **kwargs)
 
         def recording_capture(*args, **kwargs):
             local = original_capture(*args, **kwargs)
