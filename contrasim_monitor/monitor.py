@@ -375,6 +375,13 @@ class Monitor:
                     error,
                 )
                 self.sinks.remove(sink)
+                if not self.sinks:
+                    self.enabled = False
+                    logger.error(
+                        "Every output of the similarity monitor has failed, so monitoring stops at step %d; "
+                        "training continues, and what was written before stays as it is.",
+                        result.step,
+                    )
         result.activations = None
         result.timings["logging"] = time.perf_counter() - start
 

@@ -135,8 +135,18 @@ class JsonLinesSink:
         return kept
 
     def write(self, result: CaptureResult) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(result.to_record()) + "\n")
+        data = (json.dumps(result.to_record()) + "\n").encode("utf-8")
+        # Unbuffered, so that a failed write surfaces here and the file can be cut back to whole lines.
+        with self.path.open("ab", buffering=0) as handle:
+            size = handle.seek(0, os.SEEK_END)
+            try:
+                remaining = memoryview(data)
+                while remaining:
+                    remaining = remaining[handle.write(remaining) :]
+            except OSError:
+                # A full disk can leave part of the line written: cut it off, so the file stays whole lines.
+                handle.truncate(size)
+                raise
 
     def close(self) -> None:
         pass
