@@ -36,6 +36,8 @@ def render_heatmap(
     vmin: float = 0.0,
     vmax: float = 1.0,
     annotate: bool | None = None,
+    row_title: str | None = None,
+    column_title: str | None = None,
 ) -> np.ndarray:
     """Draw a labelled heatmap with a colour bar.
 
@@ -47,6 +49,8 @@ def render_heatmap(
         vmin: Value at the bottom of the colour scale.
         vmax: Value at the top of the colour scale.
         annotate: Write each value in its cell; by default only when both sides have at most 16 cells.
+        row_title: Name of the vertical axis, such as ``"layer"``; none by default.
+        column_title: Name of the horizontal axis, such as ``"capture step"``; none by default.
 
     Returns:
         An RGB image of shape ``(H, W, 3)``, dtype uint8.
@@ -72,6 +76,10 @@ def render_heatmap(
     axes.set_xticks(column_ticks, labels=[column_labels[i] for i in column_ticks], rotation=60, ha="right", fontsize=8)
     axes.set_yticks(row_ticks, labels=[row_labels[i] for i in row_ticks], fontsize=8)
     axes.set_title(title, fontsize=10)
+    if row_title:
+        axes.set_ylabel(row_title, fontsize=9)
+    if column_title:
+        axes.set_xlabel(column_title, fontsize=9)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
 
     if annotate:

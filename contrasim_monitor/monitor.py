@@ -186,6 +186,7 @@ class Monitor:
                 logger.error("Cannot write to log folder %s (%s); similarities are not logged.", log_dir, error)
         if store is not None:
             self.sinks.append(SnapshotSink(store, fingerprint))
+            self._store_probe(store, probe, fingerprint)
         logger.info(
             "Similarity monitor started: %d layers %s, %d probe examples over %d process(es), writing to %s",
             len(self.layers),
@@ -194,6 +195,20 @@ class Monitor:
             world_size,
             [type(sink).__name__ for sink in self.sinks] if log_dir is None else log_dir,
         )
+
+    def _store_probe(self, store: SnapshotStore, probe: ProbeSet, fingerprint: str) -> None:
+        """Keep the probe set's inputs with the store, so that saved models can be captured on it later."""
+        settings = {
+            "pooling": self.pooling,
+            "tokens_per_example": self.tokens_per_example,
+            "seed": self.seed,
+            "held_out_fraction": self.tracker.held_out_fraction,
+        }
+        try:
+            if store.read_probe() is None:
+                store.write_probe(probe.examples, fingerprint, settings)
+        except (OSError, ValueError) as error:  # only later comparisons need it, so training goes on
+            logger.warning("Could not store the probe set with the snapshots in %s: %s", store.root, error)
 
     def _restore(self, store: SnapshotStore, resume_step: int, device: torch.device, history: list[dict]) -> None:
         steps = [step for step in store.steps() if step <= resume_step]

@@ -73,12 +73,20 @@ class TensorBoardSink:
                 self.writer.add_scalar(tag, value, step)
 
         for measure, matrix in result.cross_layer.items():
-            image = render_heatmap(matrix, labels, labels, f"{measure}: layer x layer, step {step}")
+            image = render_heatmap(
+                matrix,
+                labels,
+                labels,
+                f"{measure}: layer x layer, step {step}",
+                row_title="layer",
+                column_title="layer",
+            )
             self.writer.add_image(f"{measure}/cross_layer", image, step, dataformats="HWC")
 
         for measure, history in result.vs_init_history.items():
             columns = [str(s) for s in result.history_steps]
-            image = render_heatmap(history, labels, columns, f"{measure}: each layer vs initial model, by step")
+            title = f"{measure}: each layer vs initial model, by step"
+            image = render_heatmap(history, labels, columns, title, row_title="layer", column_title="capture step")
             self.writer.add_image(f"{measure}/vs_init_history", image, step, dataformats="HWC")
 
         self.writer.add_text("similarity/summary", _summary_markdown(result), step)

@@ -3,6 +3,7 @@
 Layout of a store folder::
 
     index.json                  format version, probe fingerprint, layer names, dtype, one entry per snapshot
+    probe.json                  the probe set's model inputs and capture settings, when the writer stored them
     step_00001200.safetensors   one capture: a tensor per layer, keyed by layer name, plus string metadata
     .lock                       locked with flock(2) while a process changes the store (POSIX only)
 
@@ -23,9 +24,10 @@ import logging
 import operator
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,11 +40,13 @@ except ImportError:  # Windows has no flock, so concurrent processes are not ser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_VERSION", "INDEX_NAME", "STORE_DTYPES", "SnapshotStore"]
+__all__ = ["FORMAT_VERSION", "INDEX_NAME", "PROBE_NAME", "STORE_DTYPES", "SnapshotStore"]
 
 #: Version of the index and snapshot layout. Opening a store with a higher version raises a ValueError.
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
+#: The probe set's model inputs, so that a model folder can later be captured on the same examples.
+PROBE_NAME = "probe.json"
 LOCK_NAME = ".lock"
 #: Storage dtypes by name. Activations are converted from float32 at write time.
 STORE_DTYPES: dict[str, torch.dtype] = {
@@ -54,7 +58,7 @@ STORE_DTYPES: dict[str, torch.dtype] = {
 _SAFETENSORS_METADATA_KEY = "__metadata__"
 _SNAPSHOT_NAME = re.compile(r"step_(\d{8,})\.safetensors")
 # Temporary files written by `_write_atomic`: "." + final name + "." + writer's pid + ".tmp".
-_TEMP_NAME = re.compile(r"\.(step_\d{8,}\.safetensors|index\.json)\.\d+\.tmp")
+_TEMP_NAME = re.compile(r"\.(step_\d{8,}\.safetensors|index\.json|probe\.json)\.\d+\.tmp")
 
 
 def snapshot_file_name(step: int) -> str:
@@ -309,7 +313,72 @@ class SnapshotStore:
             )
         return dropped
 
+    def write_probe(
+        self,
+        examples: Sequence[Mapping[str, Any]],
+        fingerprint: str,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Keep the probe set's model inputs in ``probe.json``, replacing an earlier copy.
+
+        With the inputs stored, a saved model can later be captured on the same examples, as
+        ``contrasim-monitor compare`` does when it is given a model folder and no ``--probe``.
+
+        Args:
+            examples: Tokenized examples (``ProbeSet.examples``). Label keys are dropped, and tensors and arrays
+                are stored as nested lists.
+            fingerprint: ``ProbeSet.fingerprint()`` of the examples. It must equal the store's fingerprint once
+                a snapshot fixed it.
+            settings: JSON-serialisable capture settings stored as they are, such as ``{"pooling": "mean",
+                "tokens_per_example": 8, "seed": 0, "held_out_fraction": 0.25}``.
+
+        Raises:
+            ValueError: If the fingerprint differs from the store's or a value cannot be stored as JSON.
+        """
+        from .probe import LABEL_KEYS
+
+        _validate_fingerprint(fingerprint)
+        self.check_fingerprint(fingerprint)
+        rows = []
+        for example in examples:
+            rows.append({key: _json_value(value) for key, value in example.items() if key not in LABEL_KEYS})
+        document = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "settings": dict(settings or {}),
+            "examples": rows,
+        }
+        try:
+            payload = json.dumps(document, separators=(",", ":")).encode()
+        except TypeError as err:
+            raise ValueError(f"The probe set cannot be stored as JSON: {err}.") from err
+        with self._exclusive_lock():
+            _write_atomic(self._root / PROBE_NAME, payload + b"\n")
+
     # Reading.
+
+    def read_probe(self) -> dict | None:
+        """Read ``probe.json``: a dict with ``fingerprint``, ``settings`` and ``examples``, or None when absent.
+
+        Raises:
+            ValueError: If the file is not valid JSON or lacks a field.
+        """
+        path = self._root / PROBE_NAME
+        if not path.is_file():
+            return None
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{os.fspath(path)!r} is not a valid probe file: {err}.") from err
+        if not isinstance(document, dict) or not isinstance(document.get("examples"), list):
+            raise ValueError(f"{os.fspath(path)!r} is not a valid probe file: it has no list of `examples`.")
+        if not isinstance(document.get("fingerprint"), str) or not isinstance(document.get("settings", {}), dict):
+            raise ValueError(f"{os.fspath(path)!r} is not a valid probe file: `fingerprint` or `settings` is invalid.")
+        return {
+            "fingerprint": document["fingerprint"],
+            "settings": document.get("settings", {}),
+            "examples": document["examples"],
+        }
 
     def load(
         self,
@@ -618,6 +687,15 @@ def _read_index_file(path: Path) -> dict:
     if entries and (fingerprint is None or layers is None):
         raise invalid("it lists snapshots but no probe fingerprint or layers")
     return {"dtype": index["dtype"], "fingerprint": fingerprint, "layers": layers, "snapshots": entries}
+
+
+def _json_value(value: object) -> object:
+    """Return a probe field as JSON: tensors and arrays as nested lists, anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    return value
 
 
 def _validate_root(root: object) -> Path:
