@@ -317,7 +317,7 @@ class Monitor:
             if closed_form != measures:
                 self.budget.closed_form_steps.append(step)
                 if len(self.budget.closed_form_steps) == 1:
-                    logger.info(
+                    logger.warning(
                         "Took the capture at step %d without ContraSim heads to keep the monitor within %.0f%% of "
                         "the training time; later ones are counted and reported when monitoring stops.",
                         step,
@@ -326,7 +326,7 @@ class Monitor:
             return closed_form
         self.budget.skipped_steps.append(step)
         if len(self.budget.skipped_steps) == 1:
-            logger.info(
+            logger.warning(
                 "Skipped the scheduled capture at step %d to keep the monitor within %.0f%% of the training time; "
                 "later skips are counted and reported when monitoring stops. Pass budget=None to capture at "
                 "every scheduled step.",
@@ -404,7 +404,7 @@ class Monitor:
         budget = self.budget
         if budget is not None and (budget.skipped_steps or budget.closed_form_steps) and not self._budget_reported:
             self._budget_reported = True
-            logger.info(
+            logger.warning(
                 "Within the budget of %.0f%% of training time (%.1f s spent of %.1f s trained), %d scheduled "
                 "capture(s) were skipped and %d were taken without ContraSim heads.",
                 100 * budget.fraction,

@@ -105,6 +105,7 @@ class ContraSimCallback(TrainerCallback):
         budget: float | str | None = "auto",
     ) -> None:
         chosen, self.schedule, budget = resolve_preset(preset, schedule, budget)
+        self._probe_from_preset = probe is None
         if probe is None:
             probe = chosen.probe_size
         if isinstance(probe, bool) or (isinstance(probe, int) and probe <= 0):
@@ -316,7 +317,14 @@ class ContraSimCallback(TrainerCallback):
                 f"`probe={self.probe}` asks to draw examples from the Trainer's eval set, but the Trainer has no "
                 "eval or train dataset with a length. Pass the probe examples to ContraSimCallback(probe=...)."
             )
-        examples = draw_examples(source, self.probe, self.seed)
+        try:
+            examples = draw_examples(source, self.probe, self.seed)
+        except ValueError as error:
+            if not self._probe_from_preset:
+                raise
+            raise ValueError(
+                f"{error} The probe size {self.probe} comes from the preset; pass probe=<a smaller number>."
+            ) from error
         return ProbeSet(examples, collate_fn=collate_fn, batch_size=batch_size)
 
     def _new_log_dir(self, args) -> str:

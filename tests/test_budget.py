@@ -203,3 +203,19 @@ def test_tensorboard_has_no_contrasim_at_closed_form_step(tmp_path):
     contrasim_tag = next(tag for tag in tags if tag.startswith("contrasim/vs_init/"))
     assert [event.step for event in events.Scalars(cka_tag)] == [0, 4, 8]
     assert [event.step for event in events.Scalars(contrasim_tag)] == [8]
+
+
+def test_preset_probe_too_large_names_preset(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True)
+    trainer = Trainer(
+        model=tiny_bert(),
+        args=args,
+        train_dataset=token_dataset(64, seed=1),
+        eval_dataset=token_dataset(96, seed=2),
+        data_collator=pad_collate,
+        callbacks=[ContraSimCallback(preset="standard", log_dir=tmp_path / "tb")],
+    )
+    with pytest.raises(ValueError, match="comes from the preset"):
+        trainer.train()
