@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import inspect
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -463,7 +464,7 @@ def capture_activations(
                     if mask is None:
                         mask = torch.ones(batch_size, _sequence_length(batch), dtype=torch.long)
                     recorder.positions = sample_positions(mask, tokens_per_example, seed, example_index)
-                module(**batch)
+                module(**_forward_inputs(module, batch))
                 recorder.check_batch(batch_index)
                 example_index += batch_size
     finally:
@@ -472,6 +473,20 @@ def capture_activations(
     if not any(recorder.pooled.values()):
         raise CaptureError("The probe set produced no batches, so no activations were captured.")
     return {name: torch.cat(chunks) for name, chunks in recorder.pooled.items()}
+
+
+def _forward_inputs(module: nn.Module, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Drop the batch fields that ``module.forward`` does not take, such as an ``attention_mask`` kept for pooling.
+
+    A forward pass that takes ``**kwargs``, or whose signature cannot be read, gets every field.
+    """
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return batch
+    if any(parameter.kind == inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return batch
+    return {key: value for key, value in batch.items() if key in parameters}
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:

@@ -6,6 +6,8 @@ here is the identity, so a single-process run takes the same code path with a wo
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as dist
 
@@ -59,6 +61,19 @@ def agree_on_minimum(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
+
+
+def same_on_all_processes(text: str) -> bool:
+    """Return True on every process when ``text`` is the same on every process (compared by a 63-bit hash)."""
+    _, world_size = world()
+    if world_size == 1:
+        return True
+    value = int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:15], 16)
+    low = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(low.item() == high.item())
 
 
 def gather_rows(

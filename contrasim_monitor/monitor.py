@@ -27,7 +27,7 @@ from .capture import (
     resolve_layers,
     unwrap_model,
 )
-from .distributed import agree_on_minimum, all_succeeded, gather_rows, shard_bounds, world
+from .distributed import agree_on_minimum, all_succeeded, gather_rows, same_on_all_processes, shard_bounds, world
 from .presets import validate_budget
 from .probe import ProbeSet
 from .result import CaptureResult
@@ -150,6 +150,8 @@ class Monitor:
         # Each process runs its contiguous share of the probe set; the shares are gathered at every capture.
         # Under FSDP each forward pass is collective, so every process must run the same batches: each runs the
         # whole probe set and nothing is gathered.
+        # NOTE: under FSDP, a probe forward pass that raises on one process leaves the others waiting inside FSDP's
+        # own parameter gather, so that failure can hang the run; without FSDP the failure is agreed and logged.
         rank, world_size = world()
         self._replicated = world_size > 1 and has_sharded_parameters(model)
         if world_size > 1 and not self._replicated:
@@ -158,6 +160,15 @@ class Monitor:
         else:
             self._shard_start, self._local_probe = 0, probe
         fingerprint = probe.fingerprint()
+        if world_size > 1:
+            # Collective: different probe sets or budgets would fail later inside gloo or NCCL with no useful message.
+            settings = f"{fingerprint}|{self.pooling}|{self.tokens_per_example}|{self.budget is not None}"
+            if not same_on_all_processes(settings):
+                raise ValueError(
+                    "The processes of this run have different probe sets or monitor settings (probe fingerprint, "
+                    "pooling, tokens_per_example, budget on or off). Build the probe set and the monitor the same way "
+                    "on every process."
+                )
         if store is not None and store.fingerprint is not None:
             store.check_fingerprint(fingerprint)
 
@@ -283,6 +294,9 @@ class Monitor:
             self.results[-1].vs_init_history = {}
         self.results.append(result)
         self._write(result)
+        # Collective: a process whose outputs all failed stops, so every process stops with it.
+        if not all_succeeded(self.enabled):
+            self.enabled = False
         self._closed_form_seconds = sum(
             result.timings.get(name, 0.0) for name in ("probe_forward", "logging", *CLOSED_FORM_MEASURES)
         )
@@ -345,6 +359,7 @@ class Monitor:
             self.tracker.calibrate_contrasim(dict(zip(self.tracker.layers, previous.tensors)))
         except Exception as error:  # only the estimate is lost; the budget then keeps ContraSim off
             logger.warning("Timing a ContraSim head for the budget failed (%s); ContraSim heads stay off.", error)
+            self.tracker.seconds_per_head = float("inf")
         self._charge(time.perf_counter() - start)
 
     def _charge(self, seconds: float) -> None:

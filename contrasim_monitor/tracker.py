@@ -42,6 +42,8 @@ def validate_measures(measures: Sequence[str]) -> tuple[str, ...]:
     unknown = [m for m in measures if m not in MEASURES]
     if unknown:
         raise ValueError(f"Unknown measure(s) {unknown} in `measures`; choose from {MEASURES}.")
+    if len(set(measures)) != len(measures):
+        raise ValueError(f"`measures` names a measure more than once: {list(measures)}.")
     return measures
 
 
@@ -355,7 +357,8 @@ class SimilarityTracker:
         """
         config = self.contrasim_config
         rank, world_size = world()
-        if world_size == 1:
+        if world_size == 1 or len(pairs) < world_size:
+            # With fewer heads than processes every process trains all of them, with the same seeds and results.
             return contrasim_pairs(features, pairs, self._train_index, self._test_index, config=config)
         start, stop = shard_bounds(len(pairs), rank, world_size)
         local = torch.empty(0, dtype=torch.float64)
@@ -406,7 +409,7 @@ class SimilarityTracker:
         pairs = [(i, j) for i in range(size) for j in range(i + 1, size)]
         pairs += [(i, size + i) for i in range(size)] + [(i, 2 * size + i) for i in range(size)]
         rank, world_size = world()
-        start, stop = shard_bounds(len(pairs), rank, world_size)
+        start, stop = (0, len(pairs)) if len(pairs) < world_size else shard_bounds(len(pairs), rank, world_size)
         epochs = min(epochs, self.contrasim_config.epochs)
         config = dataclasses.replace(self.contrasim_config, epochs=epochs)
         started = time.perf_counter()
@@ -418,5 +421,7 @@ class SimilarityTracker:
 def _local_head_count(num_heads: int) -> int:
     """Return how many of ``num_heads`` heads this process trains."""
     rank, world_size = world()
+    if num_heads < world_size:
+        return num_heads
     start, stop = shard_bounds(num_heads, rank, world_size)
     return stop - start

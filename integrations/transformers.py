@@ -69,7 +69,7 @@ class ContraSimCallback(TrainerCallback):
         seed: Seed for drawing the probe set and splitting it.
         data_collator: Collates probe examples into batches; by default the Trainer's training collator.
         store_dir: Folder of the snapshot store that keeps each capture's activations for later comparison and
-            for resuming; ``<output_dir>/contrasim_snapshots`` by default, False for none.
+            for resuming; ``<log_dir>/snapshots`` by default, False for none.
         snapshot_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for stored activations.
         max_snapshots: Snapshots kept in the store; the first and newest always stay and the rest are thinned
             evenly over the steps. None keeps all.
@@ -122,6 +122,10 @@ class ContraSimCallback(TrainerCallback):
         if store_dir is not None and not isinstance(store_dir, (str, os.PathLike, bool)) or store_dir is True:
             raise TypeError(f"`store_dir` must be a folder path, None for the default, or False, got {store_dir!r}.")
         _validate_store_arguments(snapshot_dtype, max_snapshots)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"`seed` must be an integer in [0, 2**32), got {seed!r}.")
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"`log_dir` must be a folder path or None, got {type(log_dir).__name__} {log_dir!r}.")
 
         self.tracker = SimilarityTracker(measures, contrasim, held_out_fraction, seed)
         if not isinstance(probe, int):
@@ -270,7 +274,18 @@ class ContraSimCallback(TrainerCallback):
         if not is_main:
             exists = (Path(store_dir) / "index.json").exists()
             return SnapshotStore.open(store_dir) if resume_step is not None and exists else None
-        store = SnapshotStore(store_dir, self.snapshot_dtype, max_snapshots=self.max_snapshots)
+        try:
+            store = SnapshotStore(store_dir, self.snapshot_dtype, max_snapshots=self.max_snapshots)
+        except OSError as error:
+            # An unwritable folder or a full disk must not stop training: the other outputs still work.
+            logger.error(
+                "Cannot create the snapshot store in %s (%s); captures are not stored. Pass a writable store_dir= "
+                "or store_dir=False.",
+                store_dir,
+                error,
+            )
+            self._active_store_dir = None
+            return None
         if resume_step is None and store.steps():
             raise ValueError(
                 f"The snapshot store {store_dir} already holds captures at steps {store.steps()[:5]} of another run. "

@@ -282,3 +282,30 @@ def test_hook_skipped_by_fused_attention_raises():
     layers = resolve_layers(model, ["encoder.layers.0.self_attn.out_proj"])
     with pytest.raises(CaptureError, match="forward hook did\\s+not run"):
         capture_activations(model, [torch_encoder_batch()], layers)
+
+
+class NoMaskModel(nn.Module):
+    """A model whose forward takes input_ids only, so the attention_mask is for pooling alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+
+    def forward(self, input_ids):
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+def test_forward_without_attention_mask_keeps_mask_for_pooling():
+    model = NoMaskModel()
+    batch = torch_encoder_batch()
+    layers = resolve_layers(model)
+    pooled = capture_activations(model, [batch], layers, "mean")
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    with torch.no_grad():
+        hidden = model.blocks[1](model.blocks[0](model.embed(batch["input_ids"])))
+    expected = (hidden * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(pooled["blocks.1"], expected)

@@ -275,3 +275,29 @@ def test_fsdp_ranks_agree_after_training_step(fsdp_job):
             np.testing.assert_allclose(values1[comparison], values, atol=1e-6, rtol=0, err_msg=comparison)
     # The training step changed the model, so the capture is not a copy of the initial one.
     assert min(rank0["after_step"]["vs_init"]["cka"]) < 1.0
+
+
+@pytest.fixture(scope="module")
+def edge_job(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("edge_job") / "run"
+    output_dir.mkdir()
+    return launch_two_processes("edge_job.py", output_dir)
+
+
+def test_different_probe_sets_rejected_on_both_ranks(edge_job):
+    for report in edge_job:
+        assert report["different_probe_error"] is not None
+        assert "different probe sets" in report["different_probe_error"]
+
+
+def test_fewer_heads_than_processes(edge_job):
+    rank0, rank1 = edge_job
+    assert rank0["one_head_scores"] == rank1["one_head_scores"]
+    assert 0.0 < rank0["one_head_scores"][0][1] <= 1.0
+
+
+def test_output_failure_on_one_rank_stops_both(edge_job):
+    for report in edge_job:
+        # The capture at step 0 is written and fails, so monitoring stops on both ranks and nothing hangs.
+        assert report["enabled"] is False
+        assert report["after_failure"] == [False, False]

@@ -238,6 +238,11 @@ def test_probe_as_list_of_examples(tmp_path):
         ({"store_dir": True}, TypeError, "store_dir"),
         ({"tokens_per_example": 0}, ValueError, "tokens_per_example"),
         ({"pooling": "sample", "probe": 0}, ValueError, "probe"),
+        ({"measures": ["contrasim", "contrasim"]}, ValueError, "more than once"),
+        ({"seed": "x"}, ValueError, "seed"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 2**70}, ValueError, "seed"),
+        ({"log_dir": 3}, TypeError, "log_dir"),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs, error, message):
@@ -354,3 +359,16 @@ def test_masked_lm_collator_does_not_mask_probe(tmp_path):
     trainer.train()
     batches = list(callback.monitor.probe.batches())
     assert all(tokenizer.mask_token_id not in batch["input_ids"] for batch in batches)
+
+
+def test_unwritable_store_folder_does_not_stop_training(tmp_path, caplog):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the store folder should be")
+    callback = ContraSimCallback(
+        probe=64, schedule=2, contrasim=FAST_CONTRASIM, log_dir=tmp_path / "tb", store_dir=blocker / "store"
+    )
+    trainer = make_trainer(tmp_path, callback, max_steps=2, accumulation=1)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert [result.step for result in callback.monitor.results] == [0, 2]
+    assert any("Cannot create the snapshot store" in record.getMessage() for record in caplog.records)
