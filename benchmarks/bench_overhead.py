@@ -75,7 +75,11 @@ def run_once(args, tokenizer, model_path, train_dataset, eval_dataset, monitored
     callbacks = []
     callback = None
     if monitored:
-        budget = args.budget if args.budget == "auto" else None if args.budget == "none" else float(args.budget)
+        budget = args.budget
+        if budget == "none":
+            budget = None
+        elif budget != "auto":
+            budget = float(budget)
         callback = ContraSimCallback(
             probe=args.probe_size,
             schedule=args.schedule,

@@ -50,14 +50,17 @@ class LayerSpec:
     capture_input: bool = False
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the user's module inside DDP, DataParallel, FSDP or ``torch.compile`` wrappers."""
+def unwrap_model(model: nn.Module, keep_fsdp: bool = False) -> nn.Module:
+    """Return the user's module inside DDP, DataParallel, FSDP or ``torch.compile`` wrappers.
+
+    With ``keep_fsdp``, unwrapping stops at an FSDP (version 1) wrapper, which must stay for a forward pass.
+    """
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
             model = model._orig_mod
-        elif _is_parallel_wrapper(model):
+        elif _is_parallel_wrapper(model) and not (keep_fsdp and type(model).__name__ == "FullyShardedDataParallel"):
             model = model.module
     return model
 
@@ -83,14 +86,7 @@ def forward_module(model: nn.Module) -> nn.Module:
     compiles for the probe. The FSDP wrapper gathers the sharded parameters in its forward pass, without which
     the module inside has none.
     """
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
-        elif _is_parallel_wrapper(model) and type(model).__name__ != "FullyShardedDataParallel":
-            model = model.module
-    return model
+    return unwrap_model(model, keep_fsdp=True)
 
 
 def _is_parallel_wrapper(model: nn.Module) -> bool:

@@ -151,7 +151,7 @@ class Monitor:
         # Under FSDP each forward pass is collective, so every process must run the same batches: each runs the
         # whole probe set and nothing is gathered.
         # NOTE: under FSDP, a probe forward pass that raises on one process leaves the others waiting inside FSDP's
-        # own parameter gather, so that failure can hang the run; without FSDP the failure is agreed and logged.
+        # own parameter gather, so that failure can hang the run. Without FSDP the failure is agreed and logged.
         rank, world_size = world()
         self._replicated = world_size > 1 and has_sharded_parameters(model)
         if world_size > 1 and not self._replicated:

@@ -31,8 +31,8 @@ PACKAGE_DIRS = [Path(__file__).parents[1] / "contrasim_monitor", Path(__file__).
 class PoisonLayer(TrainerCallback):
     """From the end of optimizer step ``step`` on, make one block output NaN whenever the model is in eval mode.
 
-    Training runs in train mode and never sees the NaN; the monitor's probe pass runs in eval mode and does, as
-    it would if that layer's activations had diverged.
+    Training runs in train mode and never gets the NaN. The monitor's probe pass runs in eval mode and gets it,
+    as it would if that layer's activations had diverged.
     """
 
     def __init__(self, model: torch.nn.Module, step: int) -> None:

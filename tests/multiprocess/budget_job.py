@@ -1,7 +1,7 @@
 """Two processes whose budgets disagree, and ContraSim heads split between them.
 
 ``torchrun --nproc_per_node 2 budget_job.py OUTPUT_DIR``. Rank 0's budget clock runs fast, so it could always
-afford a full capture; rank 1's clock stands still, so it can afford nothing. The monitors must agree on the
+afford a full capture; rank 1's clock does not move, so it can afford nothing. The monitors must agree on the
 cheaper plan at every capture. Each rank also records which ContraSim heads it trained.
 """
 
